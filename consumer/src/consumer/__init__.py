@@ -1,0 +1,1 @@
+"""The worker: takes orders off RabbitMQ, reserves stock in PostgreSQL exactly once, then acks."""

@@ -1,0 +1,145 @@
+"""Inspect and replay the dead-letter queue: ``python -m consumer dlq list|show|replay|purge``.
+
+Browsing takes messages without acking them and closes the channel afterwards, which puts every
+message back; replay is a confirmed publish to the work exchange with a fresh attempt count,
+then the ack of the dead letter.
+"""
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from shared import amqp, messages, topology
+from shared.settings import ConsumerSettings
+
+DROP_ON_REPLAY = (
+    messages.ERROR_TYPE,
+    messages.ERROR_MESSAGE,
+    messages.FIRST_FAILURE_AT,
+    messages.LAST_FAILURE_AT,
+)
+
+
+@dataclass
+class DeadLetter:
+    message: AbstractIncomingMessage
+
+    def summary(self) -> dict[str, Any]:
+        headers = self.message.headers or {}
+        return {
+            "message_id": self.message.message_id,
+            "type": self.message.type,
+            "priority": self.message.priority,
+            "attempt": headers.get(messages.ATTEMPT),
+            "error_type": headers.get(messages.ERROR_TYPE),
+            "error_message": headers.get(messages.ERROR_MESSAGE),
+            "first_failure_at": headers.get(messages.FIRST_FAILURE_AT),
+            "last_failure_at": headers.get(messages.LAST_FAILURE_AT),
+        }
+
+    def detail(self) -> dict[str, Any]:
+        body = self.message.body
+        return {
+            **self.summary(),
+            "content_type": self.message.content_type,
+            "headers": {k: _plain(v) for k, v in (self.message.headers or {}).items()},
+            "body": body.decode("utf-8", "replace"),
+        }
+
+
+@asynccontextmanager
+async def _dead_letters(settings: ConsumerSettings, limit: int) -> AsyncIterator[list[DeadLetter]]:
+    """Up to ``limit`` dead letters, held unacked; any not acked go back when this exits."""
+    async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
+        channel = await connection.channel(publisher_confirms=False)
+        await topology.declare(channel)
+        queue = await channel.get_queue(topology.DEAD_LETTERS.name, ensure=False)
+        yield [DeadLetter(m) for m in await _take(queue, limit)]
+
+
+async def _take(queue: AbstractQueue, limit: int) -> list[AbstractIncomingMessage]:
+    taken: list[AbstractIncomingMessage] = []
+    while len(taken) < limit:
+        message = await queue.get(no_ack=False, fail=False, timeout=10)
+        if message is None:
+            break
+        taken.append(message)
+    return taken
+
+
+async def list_dead(settings: ConsumerSettings, limit: int) -> list[dict[str, Any]]:
+    async with _dead_letters(settings, limit) as letters:
+        return [d.summary() for d in letters]
+
+
+async def show_dead(
+    settings: ConsumerSettings, message_id: str, limit: int
+) -> dict[str, Any] | None:
+    async with _dead_letters(settings, limit) as letters:
+        return next((d.detail() for d in letters if d.message.message_id == message_id), None)
+
+
+async def replay(
+    settings: ConsumerSettings, select: Callable[[DeadLetter], bool], limit: int
+) -> list[str]:
+    """Send the selected dead letters back to work; their orders go back to ``accepted``."""
+    replayed: list[str] = []
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with (
+            await amqp.connect(settings.rabbitmq_url, "dlq-replay") as connection,
+            _dead_letters(settings, limit) as letters,
+        ):
+            channel = await amqp.confirmed_channel(connection)
+            exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+            for letter in filter(select, letters):
+                message = letter.message
+                order_id = messages.order_id_of(message)
+                if order_id is not None:
+                    await conn.execute(
+                        """UPDATE orders SET status = 'accepted', reason = NULL,
+                                             next_attempt_at = NULL, updated_at = clock_timestamp()
+                           WHERE id = $1 AND status = 'failed'""",
+                        order_id,
+                    )
+                headers = {
+                    k: v for k, v in (message.headers or {}).items() if k not in DROP_ON_REPLAY
+                }
+                headers[messages.ATTEMPT] = 1
+                await amqp.publish(
+                    exchange,
+                    messages.forward(message, headers),
+                    topology.ORDER_ROUTING_KEY,
+                    settings.publish_timeout,
+                )
+                await message.ack()
+                replayed.append(message.message_id or "")
+    finally:
+        await conn.close()
+    return replayed
+
+
+async def purge(settings: ConsumerSettings) -> int:
+    """Drop every dead letter; their orders stay ``failed``."""
+    async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
+        channel = await connection.channel(publisher_confirms=False)
+        await topology.declare(channel)
+        queue = await channel.get_queue(topology.DEAD_LETTERS.name, ensure=False)
+        result = await queue.purge()
+        return int(result.message_count or 0)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, default=str).decode() + "\n")

@@ -1,0 +1,136 @@
+"""What processing an order means: record the attempt, do the work, reserve stock all or nothing.
+
+Every step is safe to repeat. A redelivered or duplicated message for an order that is already
+final changes nothing, and the reservation happens in one transaction with the status change,
+serialised on the order's row lock, so stock is never reserved twice.
+"""
+
+import asyncio
+import random
+from collections import Counter
+from enum import StrEnum
+from uuid import UUID
+
+import asyncpg
+
+from shared.db import Status
+from shared.errors import PaymentUnavailable
+from shared.messages import OrderMessage
+from shared.settings import ConsumerSettings
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"  # already final: acked with no effect
+
+
+# Also creates the order when another AMQP client published it straight to the exchange.
+START = """
+    INSERT INTO orders (id, customer_id, items, priority, status, attempts)
+    VALUES ($1, $2, $3, $4, 'processing', 1)
+    ON CONFLICT (id) DO UPDATE
+        SET status = 'processing', attempts = orders.attempts + 1,
+            next_attempt_at = NULL, updated_at = clock_timestamp()
+        WHERE orders.status NOT IN ('completed', 'rejected', 'failed')
+    RETURNING attempts
+"""
+
+
+async def process(
+    pool: asyncpg.Pool, order: OrderMessage, attempt: int, settings: ConsumerSettings
+) -> Outcome:
+    """Run one attempt of an order; raises on a transient failure."""
+    items = [item.model_dump() for item in order.items]
+    started = await pool.fetchval(START, order.id, order.customer_id, items, order.priority)
+    if started is None:
+        return Outcome.DUPLICATE
+    await external_work(order.id, attempt, settings)
+    return await reserve(pool, order)
+
+
+async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings) -> None:
+    """Stand-in for the slow calls an order needs (payment, fraud check); fails on demand."""
+    await asyncio.sleep(settings.order_work_ms / 1000)
+    if (
+        attempt <= settings.payment_failures_per_order
+        or random.random() < settings.payment_failure_rate
+    ):
+        raise PaymentUnavailable(f"payment gateway unavailable (simulated) for order {order_id}")
+
+
+async def reserve(pool: asyncpg.Pool, order: OrderMessage) -> Outcome:
+    """Reserve every line or none, and mark the order final, in one transaction."""
+    wanted = Counter[str]()
+    for item in order.items:
+        wanted[item.sku] += item.quantity
+    skus = sorted(wanted)
+    quantities = [wanted[sku] for sku in skus]
+    async with pool.acquire() as conn, conn.transaction():
+        status = await conn.fetchval("SELECT status FROM orders WHERE id = $1 FOR UPDATE", order.id)
+        if status in (Status.COMPLETED, Status.REJECTED, Status.FAILED):
+            return Outcome.DUPLICATE
+        # Row locks in SKU order: concurrent orders never deadlock on each other.
+        rows = await conn.fetch(
+            "SELECT sku, available FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE", skus
+        )
+        stock = {row["sku"]: row["available"] for row in rows}
+        short = [
+            f"{sku} (requested {wanted[sku]}, available {stock[sku]})"
+            if sku in stock
+            else f"{sku} (unknown SKU)"
+            for sku in skus
+            if stock.get(sku, 0) < wanted[sku]
+        ]
+        if short:
+            await conn.execute(
+                """UPDATE orders
+                   SET status = 'rejected', reason = $2, updated_at = clock_timestamp()
+                   WHERE id = $1""",
+                order.id,
+                "insufficient stock: " + ", ".join(short),
+            )
+            return Outcome.REJECTED
+        await conn.execute(
+            """UPDATE inventory i SET available = i.available - l.quantity,
+                                      updated_at = clock_timestamp()
+               FROM unnest($1::text[], $2::int[]) AS l(sku, quantity) WHERE i.sku = l.sku""",
+            skus,
+            quantities,
+        )
+        await conn.execute(
+            """INSERT INTO reservations (order_id, sku, quantity)
+               SELECT $1, * FROM unnest($2::text[], $3::int[])""",
+            order.id,
+            skus,
+            quantities,
+        )
+        await conn.execute(
+            """UPDATE orders
+               SET status = 'completed', reason = NULL, completed_at = clock_timestamp(),
+                                 updated_at = clock_timestamp()
+               WHERE id = $1""",
+            order.id,
+        )
+        return Outcome.COMPLETED
+
+
+async def mark_retrying(pool: asyncpg.Pool, order_id: UUID, error: str, delay_ms: int) -> None:
+    await pool.execute(
+        """UPDATE orders SET status = 'retrying', reason = $2, updated_at = clock_timestamp(),
+                             next_attempt_at = clock_timestamp() + $3 * interval '1 millisecond'
+           WHERE id = $1 AND status NOT IN ('completed', 'rejected', 'failed')""",
+        order_id,
+        error,
+        delay_ms,
+    )
+
+
+async def mark_failed(pool: asyncpg.Pool, order_id: UUID, reason: str) -> None:
+    await pool.execute(
+        """UPDATE orders SET status = 'failed', reason = $2, next_attempt_at = NULL,
+                             updated_at = clock_timestamp()
+           WHERE id = $1 AND status NOT IN ('completed', 'rejected', 'failed')""",
+        order_id,
+        reason,
+    )

@@ -1,0 +1,190 @@
+"""The HTTP routes: orders, inventory, health."""
+
+import asyncio
+import hashlib
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.outbox import Relay
+from producer.problems import UNAVAILABLE, Problem
+from shared.db import Status
+from shared.messages import Item, NewOrder, Sku
+
+router = APIRouter()
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    pool: asyncpg.Pool = request.app.state.pool
+    return pool
+
+
+def _relay(request: Request) -> Relay:
+    relay: Relay = request.app.state.relay
+    return relay
+
+
+PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
+RelayDep = Annotated[Relay, Depends(_relay)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"),
+]
+SkuPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class OrderView(BaseModel):
+    id: UUID
+    status: Status
+    customer_id: str
+    items: list[Item]
+    priority: int
+    attempts: int = Field(description="processing attempts started so far")
+    reason: str | None = Field(
+        description="why the order was rejected or failed, or the last error"
+    )
+    next_attempt_at: datetime | None = Field(description="when a retrying order is tried next")
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+
+class StockLevel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    available: Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+class StockView(StockLevel):
+    sku: Sku
+    updated_at: datetime
+
+
+ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, next_attempt_at,
+                   created_at, updated_at, completed_at"""
+
+# One statement, so one atomic step: the order and its outbox row exist together or not at all.
+SUBMIT = f"""
+    WITH new AS (
+        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
+        VALUES ($1, $2, $3, $4, 'accepted', $5, $6)
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING {ORDER_COLUMNS}
+    ), queued AS (
+        INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new
+    )
+    SELECT * FROM new
+"""
+
+
+def _view(row: asyncpg.Record) -> OrderView:
+    return OrderView.model_validate(dict(row))
+
+
+@router.post(
+    "/orders",
+    status_code=202,
+    response_model=OrderView,
+    responses={
+        400: {"description": "malformed JSON"},
+        413: {"description": "body too large"},
+        415: {"description": "not JSON"},
+        422: {"description": "invalid order, or an Idempotency-Key reused with another body"},
+        503: {"description": "the order store is unavailable; nothing was stored"},
+    },
+)
+async def submit_order(
+    order: NewOrder,
+    response: Response,
+    pool: PoolDep,
+    relay: RelayDep,
+    idempotency_key: IdempotencyKey = None,
+) -> OrderView:
+    """Accept an order: it is stored durably before the 202, then queued for processing."""
+    body = order.model_dump(mode="json")
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+    row = await pool.fetchrow(
+        SUBMIT, uuid4(), order.customer_id, body["items"], order.priority, idempotency_key,
+        digest if idempotency_key else None,
+    )  # fmt: skip
+    if row is None:  # the key was used before
+        row = await pool.fetchrow(
+            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1",
+            idempotency_key,
+        )
+        assert row is not None
+        if row["request_hash"] != digest:
+            raise Problem(
+                422,
+                "Idempotency-Key reused",
+                "This Idempotency-Key was already used with a different request body.",
+                "/problems/idempotency-key-reused",
+            )
+    else:
+        relay.wake()
+    response.headers["Location"] = f"/orders/{row['id']}"
+    return _view(row)
+
+
+@router.get("/orders/{order_id}", response_model=OrderView, responses={404: {}})
+async def get_order(order_id: UUID, pool: PoolDep) -> OrderView:
+    """An order's status, attempts, reason and timestamps."""
+    row = await pool.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
+    if row is None:
+        raise Problem(404, "Order not found", f"No order has the id {order_id}.",
+                      "/problems/not-found")  # fmt: skip
+    return _view(row)
+
+
+@router.put("/inventory/{sku}", response_model=StockView)
+async def set_stock(sku: SkuPath, level: StockLevel, pool: PoolDep) -> StockView:
+    """Set the stock available for a SKU."""
+    row = await pool.fetchrow(
+        """INSERT INTO inventory (sku, available) VALUES ($1, $2)
+           ON CONFLICT (sku) DO UPDATE SET available = $2, updated_at = clock_timestamp()
+           RETURNING sku, available, updated_at""",
+        sku,
+        level.available,
+    )
+    assert row is not None
+    return StockView.model_validate(dict(row))
+
+
+@router.get("/inventory/{sku}", response_model=StockView, responses={404: {}})
+async def get_stock(sku: SkuPath, pool: PoolDep) -> StockView:
+    """The stock available for a SKU."""
+    row = await pool.fetchrow(
+        "SELECT sku, available, updated_at FROM inventory WHERE sku = $1", sku
+    )
+    if row is None:
+        raise Problem(
+            404, "SKU not found", f"No stock is recorded for {sku}.", "/problems/not-found"
+        )
+    return StockView.model_validate(dict(row))
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "broker or database unreachable"}})
+async def readyz(pool: PoolDep, relay: RelayDep) -> dict[str, Any]:
+    """Both the database and the broker are reachable."""
+    try:
+        await asyncio.wait_for(pool.fetchval("SELECT 1"), 2)
+        database = "ok"
+    except UNAVAILABLE as exc:
+        database = f"unreachable: {exc!r}"
+    broker = "ok" if relay.connected else "unreachable"
+    if database != "ok" or broker != "ok":
+        raise Problem(
+            503, "Not ready", headers={"Retry-After": "1"}, database=database, broker=broker
+        )
+    return {"status": "ready", "database": database, "broker": broker}

@@ -1,0 +1,60 @@
+"""The FastAPI application: ``create_app(settings)`` with a lifespan that owns every connection."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from fastapi import FastAPI
+
+from producer import api, problems
+from producer.outbox import Relay
+from shared import db
+from shared.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+# Seeded with DEMO_CATALOGUE=true so the README's curl works right after `make up`.
+DEMO_CATALOGUE = {"BOOK-1": 1_000, "BOOK-2": 1_000, "MUG-1": 500, "PEN-1": 5_000, "TSHIRT-M": 200}
+
+
+async def seed_demo_catalogue(pool: asyncpg.Pool) -> None:
+    """Insert the demo stock, leaving any existing level alone."""
+    await pool.executemany(
+        "INSERT INTO inventory (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING",
+        DEMO_CATALOGUE.items(),
+    )
+
+
+def create_app(settings: ProducerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await db.create_pool(settings.database_url, settings.db_pool_size)
+        try:
+            await db.migrate(pool, settings.startup_timeout)
+            if settings.demo_catalogue:
+                await seed_demo_catalogue(pool)
+            relay = Relay(pool, settings)
+            relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+            app.state.pool, app.state.relay = pool, relay
+            try:
+                yield
+            finally:
+                relay.stop()
+                try:
+                    await asyncio.wait_for(relay_task, settings.publish_timeout)
+                except TimeoutError:
+                    log.warning("outbox relay did not stop in time; unpublished orders stay queued")
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="Orders",
+        version="0.1.0",
+        summary="Durable, prioritised order processing over RabbitMQ",
+        lifespan=lifespan,
+    )
+    problems.install(app, settings.max_body_bytes)
+    app.include_router(api.router)
+    return app

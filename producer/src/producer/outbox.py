@@ -1,0 +1,120 @@
+"""The outbox relay: publishes committed orders to RabbitMQ and forgets them only after the confirm.
+
+``POST /orders`` commits the order and its outbox row together, then wakes the relay. The relay
+claims rows (``FOR UPDATE SKIP LOCKED``, so replicas share the work), publishes them in priority
+order with publisher confirms, and deletes the confirmed ones in the same transaction. Whatever is
+left (broker down, confirm timed out, producer killed) is published on a later round: at least
+once, and the consumer makes a duplicate harmless.
+"""
+
+import asyncio
+import logging
+
+import asyncpg
+from aio_pika.abc import AbstractExchange
+
+from shared import amqp, topology
+from shared.messages import OrderMessage, encode
+from shared.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+CLAIM = """
+    SELECT o.id, o.customer_id, o.items, o.priority
+    FROM outbox b JOIN orders o ON o.id = b.order_id
+    ORDER BY b.priority DESC, b.seq
+    LIMIT $1
+    FOR UPDATE OF b SKIP LOCKED
+"""
+
+
+class Relay:
+    """Moves orders from the outbox to the ``orders`` exchange; ``connected`` feeds ``/readyz``."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings) -> None:
+        self._pool, self._settings = pool, settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.connected = False
+
+    def wake(self) -> None:
+        """Publish now rather than at the next sweep."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect after any broker trouble, until ``stop``."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                delay = 0.5
+            except Exception as exc:
+                log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
+            finally:
+                self.connected = False
+            await self._sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def publish_pending(self, exchange: AbstractExchange) -> int:
+        """One round: claim, publish, delete what was confirmed. Returns how many were confirmed."""
+        failure: BaseException | None = None
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(CLAIM, self._settings.relay_batch)
+            if not rows:
+                return 0
+            results = await asyncio.gather(
+                *(
+                    amqp.publish(
+                        exchange,
+                        encode(OrderMessage.model_validate(dict(row))),
+                        topology.ORDER_ROUTING_KEY,
+                        self._settings.publish_timeout,
+                    )
+                    for row in rows
+                ),
+                return_exceptions=True,
+            )
+            confirmed = [row["id"] for row, r in zip(rows, results, strict=True) if r is None]
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            await conn.execute("DELETE FROM outbox WHERE order_id = ANY($1::uuid[])", confirmed)
+        if failure is not None:
+            raise failure
+        return len(confirmed)
+
+    async def _session(self) -> None:
+        async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
+            channel = await amqp.confirmed_channel(connection)
+            await topology.declare(channel)
+            exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+            lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
+            self.connected = True
+            log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
+            try:
+                while not self._stopping.is_set():
+                    if lost.done():
+                        raise ConnectionError("broker connection lost")
+                    self._wake.clear()
+                    try:
+                        if await self.publish_pending(exchange) == self._settings.relay_batch:
+                            continue
+                    except Exception as exc:
+                        if lost.done():
+                            raise
+                        log.warning("outbox relay: round failed (%r); trying again", exc)
+                    await self._sleep(self._settings.relay_interval, lost)
+            finally:
+                lost.cancel()
+
+    async def _sleep(self, seconds: float, lost: "asyncio.Future[None] | None" = None) -> None:
+        """Sleep until woken, stopped, the connection is lost, or ``seconds`` pass."""
+        waits = [asyncio.ensure_future(self._wake.wait())]
+        if lost is not None:
+            waits.append(lost)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waits[0].cancel()

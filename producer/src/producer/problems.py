@@ -1,0 +1,192 @@
+"""RFC 9457 problem details: every error the API answers is ``application/problem+json``."""
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import asyncpg
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+
+# The database is down or overloaded: the client may try again, nothing was stored.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+class Problem(Exception):
+    """An error answered as problem details."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        type_: str = "about:blank",
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail, self.type = status, title, detail, type_
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    def response(self, instance: str | None = None) -> Response:
+        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
+        if self.detail:
+            body["detail"] = self.detail
+        if instance:
+            body["instance"] = instance
+        body.update(self.extensions)
+        return Response(orjson.dumps(body), self.status, self.headers, MEDIA_TYPE)
+
+
+def install(app: FastAPI, max_body_bytes: int) -> None:
+    """Answer every error, expected or not, as problem details."""
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
+    for exc_type in UNAVAILABLE:
+        app.add_exception_handler(exc_type, _on_unavailable)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response(request.url.path)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        problem = Problem(
+            400,
+            "Malformed JSON",
+            "The request body is not valid JSON.",
+            "/problems/malformed-json",
+            errors=errors,
+        )
+    else:
+        problem = Problem(
+            422,
+            "Invalid request",
+            "The request does not follow the schema.",
+            "/problems/validation-error",
+            errors=errors,
+        )
+    return problem.response(request.url.path)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    title = _reason(exc.status_code)
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+    return Problem(exc.status_code, title, detail, headers=dict(exc.headers or {})).response(
+        request.url.path
+    )
+
+
+async def _on_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %r", exc)
+    return Problem(
+        503,
+        "Service unavailable",
+        "The order store cannot be reached; nothing was stored. Try again shortly.",
+        "/problems/unavailable",
+        headers={"Retry-After": "1"},
+    ).response(request.url.path)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error")
+    return Problem(500, "Internal server error").response(request.url.path)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class BodyGuard:
+    """Refuses oversized bodies (413) and bodies that are not JSON (415), before any work."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        too_large = Problem(
+            413,
+            "Content too large",
+            f"The body must not exceed {self.max_body_bytes} bytes.",
+            "/problems/too-large",
+        )
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await too_large.response(scope["path"])(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await too_large.response(scope["path"])(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if body and not _is_json(headers.get("content-type", "")):
+            unsupported = Problem(
+                415,
+                "Unsupported media type",
+                "Send the body as application/json.",
+                "/problems/unsupported-media-type",
+            )
+            await unsupported.response(scope["path"])(scope, receive, send)
+            return
+
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,1 @@
+"""What both services share: settings, the message contract, the topology, storage."""

@@ -1,0 +1,120 @@
+"""PostgreSQL, the system of record: schema, migrations and the connection pool.
+
+Order states::
+
+    accepted ──► processing ──► completed
+        ▲            │  ▲   └──► rejected   (not enough stock: permanent, nothing reserved)
+        │            ▼  │
+        │         retrying                  (transient error: the broker holds the retry)
+        │            │
+        └─replay── failed                   (poison message or attempts exhausted: in the DLQ)
+"""
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+FINAL = (Status.COMPLETED, Status.REJECTED, Status.FAILED)
+
+# Append only: each entry runs once, in order, under an advisory lock.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE orders (
+        id              uuid PRIMARY KEY,
+        customer_id     text NOT NULL,
+        items           jsonb NOT NULL,
+        priority        smallint NOT NULL CHECK (priority BETWEEN 0 AND 9),
+        status          text NOT NULL CHECK (status IN
+                          ('accepted','processing','retrying','completed','rejected','failed')),
+        attempts        integer NOT NULL DEFAULT 0,
+        reason          text,
+        idempotency_key text UNIQUE,
+        request_hash    bytea,
+        next_attempt_at timestamptz,
+        created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+        updated_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+        completed_at    timestamptz
+    );
+    CREATE INDEX orders_status ON orders (status);
+    CREATE TABLE outbox (
+        seq        bigserial PRIMARY KEY,
+        order_id   uuid NOT NULL UNIQUE REFERENCES orders (id),
+        priority   smallint NOT NULL
+    );
+    CREATE INDEX outbox_next ON outbox (priority DESC, seq);
+    CREATE TABLE inventory (
+        sku        text PRIMARY KEY,
+        available  integer NOT NULL CHECK (available >= 0),
+        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    );
+    CREATE TABLE reservations (
+        order_id   uuid NOT NULL REFERENCES orders (id),
+        sku        text NOT NULL REFERENCES inventory (sku),
+        quantity   integer NOT NULL CHECK (quantity > 0),
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (order_id, sku)
+    );
+    """,
+)
+
+_MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(url: str, size: int) -> asyncpg.Pool:
+    """A pool that connects lazily, so a service can start while the database is down."""
+    pool = await asyncpg.create_pool(
+        url, min_size=0, max_size=size, init=_init_connection, command_timeout=30, timeout=10
+    )
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool, wait_up_to: float) -> None:
+    """Bring the schema up to date, retrying until the database answers or ``wait_up_to`` passes.
+
+    Safe when several replicas start at once: they queue on an advisory lock.
+    """
+    deadline = time.monotonic() + wait_up_to
+    while True:
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
+                )
+                version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+                for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_version VALUES ($1)", number)
+                    log.info("database migrated to version %d", number)
+            return
+        except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database not reachable yet (%s); retrying", exc)
+            await asyncio.sleep(1)

@@ -1,0 +1,154 @@
+"""The message contract (docs/messages.md): pydantic models and their AMQP encoding.
+
+Any AMQP client can publish an order: exchange ``orders``, routing key ``order.created``,
+``type=order.created``, ``content_type=application/json``, ``delivery_mode=2``,
+``message_id`` = the order id, ``priority`` = the order priority, and a JSON body
+matching ``OrderMessage``.
+"""
+
+import unicodedata
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from aio_pika import DeliveryMode, Message
+from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from shared.errors import InvalidMessage
+
+MESSAGE_TYPE = "order.created"
+CONTENT_TYPE = "application/json"
+SCHEMA_VERSION: Literal[1] = 1
+MAX_PRIORITY = 9
+
+# Application headers. The attempt count travels here, never in x-death.
+ATTEMPT = "attempt"
+ERROR_TYPE = "error-type"
+ERROR_MESSAGE = "error-message"
+FIRST_FAILURE_AT = "first-failure-at"
+LAST_FAILURE_AT = "last-failure-at"
+
+
+def _printable(value: str) -> str:
+    """Refuse control characters (NUL too) and lone surrogates: PostgreSQL cannot store them."""
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain the character U+{ord(char):04X}")
+    return value
+
+
+Sku = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+CustomerId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)
+]
+Quantity = Annotated[int, Field(ge=1, le=10_000)]
+Priority = Annotated[int, Field(ge=0, le=MAX_PRIORITY, description="0-9, higher is more urgent")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class Item(_Strict):
+    """One order line."""
+
+    sku: Sku
+    quantity: Quantity
+
+
+class NewOrder(_Strict):
+    """What a client submits."""
+
+    customer_id: CustomerId
+    items: Annotated[list[Item], Field(min_length=1, max_length=100)]
+    priority: Priority = 0
+
+
+class OrderMessage(NewOrder):
+    """The body of an ``order.created`` message."""
+
+    version: Literal[1] = SCHEMA_VERSION
+    id: Annotated[UUID, Field(strict=False)]
+
+
+def encode(order: OrderMessage, attempt: int = 1) -> Message:
+    """An order as a persistent AMQP message."""
+    return Message(
+        orjson.dumps(order.model_dump(mode="json")),
+        content_type=CONTENT_TYPE,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=str(order.id),
+        priority=order.priority,
+        type=MESSAGE_TYPE,
+        headers={ATTEMPT: attempt},
+    )
+
+
+def decode(message: AbstractIncomingMessage) -> OrderMessage:
+    """The order in a delivery, or ``InvalidMessage`` saying why it is not one."""
+    if message.type != MESSAGE_TYPE:
+        raise InvalidMessage(f"unknown message type {message.type!r}")
+    if message.content_type not in (None, CONTENT_TYPE):
+        raise InvalidMessage(f"unsupported content type {message.content_type!r}")
+    try:
+        message.body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"body is not valid UTF-8: {exc}") from None
+    try:
+        data = orjson.loads(message.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise InvalidMessage(f"unknown schema version {version!r}")
+    try:
+        return OrderMessage.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidMessage(f"invalid order: {_summary(exc)}") from None
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    """The 1-based attempt a delivery stands for (1 when the header is absent or unreadable)."""
+    value = (message.headers or {}).get(ATTEMPT)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def order_id_of(message: AbstractIncomingMessage) -> UUID | None:
+    """The order a delivery names in ``message_id``, even when its body is unreadable."""
+    try:
+        return UUID(message.message_id or "")
+    except ValueError:
+        return None
+
+
+def forward(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> Message:
+    """A persistent copy of a delivery, its priority kept, with some headers replaced."""
+    merged: HeadersType = {**(message.headers or {}), **headers}
+    return Message(
+        message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        priority=message.priority,
+        type=message.type,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        headers=merged,
+    )
+
+
+def _summary(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )

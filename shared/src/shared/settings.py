@@ -1,0 +1,43 @@
+"""Configuration, read from the environment by each service's entry point and passed down."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What both services read."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/orders"
+    log_level: str = "INFO"
+    startup_timeout: float = Field(60.0, gt=0, description="seconds to wait for the database")
+    publish_timeout: float = Field(10.0, gt=0, description="seconds to wait for a confirm")
+
+
+class ProducerSettings(Settings):
+    """The HTTP API and its outbox relay."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    db_pool_size: int = Field(10, ge=1)
+    relay_batch: int = Field(500, ge=1, description="outbox rows published per round")
+    relay_interval: float = Field(1.0, gt=0, description="seconds between outbox sweeps")
+    demo_catalogue: bool = False
+
+
+class ConsumerSettings(Settings):
+    """One worker process."""
+
+    prefetch: int = Field(4, ge=1, description="unacked deliveries per process")
+    concurrency: int = Field(4, ge=1, description="orders processed at once per process")
+    order_work_ms: int = Field(100, ge=0, description="simulated external work per order")
+    order_timeout: float = Field(60.0, gt=0, description="seconds one attempt may take")
+    retry_base_ms: int = Field(1_000, ge=1)
+    retry_cap_ms: int = Field(300_000, ge=1)
+    max_attempts: int = Field(8, ge=1)
+    payment_failure_rate: float = Field(0.0, ge=0, le=1)
+    payment_failures_per_order: int = Field(0, ge=0)
+    shutdown_grace: float = Field(25.0, gt=0, description="seconds to finish in-flight work")

@@ -8,6 +8,7 @@ once, and the consumer makes a duplicate harmless.
 """
 
 import asyncio
+import contextlib
 import logging
 
 import asyncpg
@@ -56,7 +57,8 @@ class Relay:
                 log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
             finally:
                 self.connected = False
-            await self._sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
     async def publish_pending(self, exchange: AbstractExchange) -> int:

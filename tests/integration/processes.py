@@ -1,0 +1,85 @@
+"""The services as real processes (``python -m producer`` / ``python -m consumer``), as in production."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """One service process; its output goes to ``test-artifacts/<name>.log``."""
+
+    def __init__(self, module: str, name: str, env: dict[str, str]) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.module, self.name = module, name
+        self.log_path = ARTIFACTS / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited early:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()}")
+            await asyncio.sleep(0.1)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (code := self.process.poll()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.log()}")
+            await asyncio.sleep(0.1)
+        return code
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.process.wait(10)
+        self._log.close()
+
+
+class Producer(Service):
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        super().__init__("producer", name, {**env, "HOST": "127.0.0.1", "PORT": str(self.port)})
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    async def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.base_url) as client:
+            while True:
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} did not become healthy:\n{self.log()}")
+                await asyncio.sleep(0.1)

@@ -1,0 +1,147 @@
+"""The HTTP contract: bad input is a clear problem+json and writes nothing; idempotent retries."""
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+GOOD: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2}]}
+
+
+def order(**changes: Any) -> dict[str, Any]:
+    return {**GOOD, **changes}
+
+
+def line(**changes: Any) -> dict[str, Any]:
+    return order(items=[{"sku": "BOOK-1", "quantity": 1, **changes}])
+
+
+JSON = {"content-type": "application/json"}
+
+# (case, raw body, headers, status, problem type)
+BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str]] = [
+    ("malformed JSON", b'{"customer_id": ', JSON, 400, "/problems/malformed-json"),
+    ("invalid UTF-8", b'{"customer_id": "\xff\xfe"}', JSON, 400, "about:blank"),
+    ("not JSON media type", b"customer_id=c-1", {"content-type": "text/plain"}, 415,
+     "/problems/unsupported-media-type"),
+    ("form body", b"customer_id=c-1", {"content-type": "application/x-www-form-urlencoded"},
+     415, "/problems/unsupported-media-type"),
+    ("body too large", b'{"customer_id": "' + b"x" * 2_000_000 + b'"}', JSON, 413,
+     "/problems/too-large"),
+    ("array body", b"[]", JSON, 422, "/problems/validation-error"),
+    ("empty object", {}, {}, 422, "/problems/validation-error"),
+    ("unknown field", order(coupon="FREE"), {}, 422, "/problems/validation-error"),
+    ("customer_id empty", order(customer_id=""), {}, 422, "/problems/validation-error"),
+    ("customer_id too long", order(customer_id="c" * 65), {}, 422, "/problems/validation-error"),
+    ("customer_id a number", order(customer_id=12), {}, 422, "/problems/validation-error"),
+    ("customer_id with NUL", order(customer_id="c\x00d"), {}, 422, "/problems/validation-error"),
+    ("customer_id lone surrogate", b'{"customer_id": "c\\ud800", "items": [{"sku": "A",'
+     b' "quantity": 1}]}', JSON, 422, "/problems/validation-error"),
+    ("no items", order(items=[]), {}, 422, "/problems/validation-error"),
+    ("101 items", order(items=[{"sku": "A", "quantity": 1}] * 101), {}, 422,
+     "/problems/validation-error"),
+    ("items not a list", order(items={"sku": "A"}), {}, 422, "/problems/validation-error"),
+    ("sku empty", line(sku=""), {}, 422, "/problems/validation-error"),
+    ("sku too long", line(sku="A" * 65), {}, 422, "/problems/validation-error"),
+    ("sku with space", line(sku="BOOK 1"), {}, 422, "/problems/validation-error"),
+    ("sku with slash", line(sku="BOOK/1"), {}, 422, "/problems/validation-error"),
+    ("quantity zero", line(quantity=0), {}, 422, "/problems/validation-error"),
+    ("quantity negative", line(quantity=-1), {}, 422, "/problems/validation-error"),
+    ("quantity 10001", line(quantity=10_001), {}, 422, "/problems/validation-error"),
+    ("quantity string", line(quantity="3"), {}, 422, "/problems/validation-error"),
+    ("quantity bool", line(quantity=True), {}, 422, "/problems/validation-error"),
+    ("quantity float", line(quantity=3.0), {}, 422, "/problems/validation-error"),
+    ("quantity huge", line(quantity=10**30), {}, 422, "/problems/validation-error"),
+    ("line unknown field", line(price=1), {}, 422, "/problems/validation-error"),
+    ("priority 10", order(priority=10), {}, 422, "/problems/validation-error"),
+    ("priority -1", order(priority=-1), {}, 422, "/problems/validation-error"),
+    ("priority string", order(priority="9"), {}, 422, "/problems/validation-error"),
+    ("priority null", order(priority=None), {}, 422, "/problems/validation-error"),
+    ("idempotency key too long", GOOD, {"Idempotency-Key": "k" * 256}, 422,
+     "/problems/validation-error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "problem_type"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS],
+)
+async def test_bad_input_is_a_problem_and_writes_nothing(
+    api: httpx.AsyncClient,
+    conn: asyncpg.Connection,
+    body: bytes | dict[str, Any],
+    headers: dict[str, str],
+    status: int,
+    problem_type: str,
+) -> None:
+    if isinstance(body, bytes):
+        response = await api.post("/orders", content=body, headers=headers)
+    else:
+        response = await api.post("/orders", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status
+    assert problem["type"] == problem_type
+    assert problem["title"]
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 0
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/orders/8d0f6f8e-6b53-4b8e-9d55-111111111111", None, 404),
+        ("GET", "/orders/not-a-uuid", None, 422),
+        ("GET", "/inventory/NOPE-1", None, 404),
+        ("GET", "/inventory/bad%20sku", None, 422),
+        ("PUT", "/inventory/BOOK-1", {"available": -1}, 422),
+        ("PUT", "/inventory/BOOK-1", {"available": "5"}, 422),
+        ("PUT", "/inventory/BOOK-1", {"available": 5, "x": 1}, 422),
+        ("DELETE", "/orders", None, 405),
+        ("GET", "/nowhere", None, 404),
+    ],
+)
+async def test_other_errors_are_problems(
+    api: httpx.AsyncClient, method: str, path: str, body: Any, status: int
+) -> None:
+    response = await api.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == status
+
+
+async def test_repeated_and_concurrent_posts_with_one_key_make_one_order(
+    api: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    headers = {"Idempotency-Key": "checkout-42"}
+    responses = await asyncio.gather(
+        *(api.post("/orders", json=GOOD, headers=headers) for _ in range(20))
+    )
+    responses.append(await api.post("/orders", json=GOOD, headers=headers))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len({r.headers["location"] for r in responses}) == 1
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1
+    assert await conn.fetchval("SELECT count(*) FROM outbox") <= 1
+
+    # Key order in the JSON does not matter; the body's meaning does.
+    same = {"items": GOOD["items"], "customer_id": "c-1", "priority": 0}
+    assert (await api.post("/orders", json=same, headers=headers)).json()["id"] == responses[
+        0
+    ].json()["id"]
+    other = await api.post("/orders", json=order(priority=3), headers=headers)
+    assert other.status_code == 422
+    assert other.json()["type"] == "/problems/idempotency-key-reused"
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1
+
+
+async def test_inventory_can_be_set_and_read(api: httpx.AsyncClient) -> None:
+    put = await api.put("/inventory/NEW-1", json={"available": 42})
+    assert put.status_code == 200
+    assert put.json()["available"] == 42
+    got = await api.get("/inventory/NEW-1")
+    assert got.json()["sku"] == "NEW-1"
+    assert got.json()["available"] == 42

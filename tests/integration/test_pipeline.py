@@ -1,0 +1,219 @@
+"""The path of an order, HTTP to stock table, on the real broker and database."""
+
+import asyncio
+import uuid
+
+import aio_pika
+import asyncpg
+import httpx
+import orjson
+from aio_pika.abc import AbstractChannel
+
+from shared import topology
+from tests.integration.conftest import (
+    ApiFactory,
+    WorkerFactory,
+    depth,
+    set_stock,
+    settled,
+    status_of,
+    submit,
+    wait_until,
+)
+
+
+async def test_order_completes_and_reserves_exactly_its_quantities(
+    api: httpx.AsyncClient, start_worker: WorkerFactory, conn: asyncpg.Connection
+) -> None:
+    await set_stock(api, **{"BOOK-1": 10, "MUG-1": 5})
+    response = await api.post(
+        "/orders",
+        json={"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2},
+              {"sku": "MUG-1", "quantity": 3}, {"sku": "BOOK-1", "quantity": 1}], "priority": 5},
+    )  # fmt: skip
+    assert response.status_code == 202
+    order = response.json()
+    assert order["status"] == "accepted"
+    assert response.headers["location"] == f"/orders/{order['id']}"
+    await start_worker()
+    await settled(conn, [order["id"]])
+
+    final = await status_of(api, order["id"])
+    assert final["status"] == "completed"
+    assert final["attempts"] == 1
+    assert final["completed_at"] >= final["created_at"]
+    assert (await api.get("/inventory/BOOK-1")).json()["available"] == 7
+    assert (await api.get("/inventory/MUG-1")).json()["available"] == 2
+    reserved = await conn.fetch("SELECT sku, quantity FROM reservations ORDER BY sku")
+    assert [tuple(r) for r in reserved] == [("BOOK-1", 3), ("MUG-1", 3)]
+
+
+async def test_short_stock_is_rejected_with_its_reason_and_reserves_nothing(
+    api: httpx.AsyncClient, start_worker: WorkerFactory, conn: asyncpg.Connection
+) -> None:
+    await set_stock(api, **{"BOOK-1": 10, "MUG-1": 1})
+    order_id = await submit(api, ("BOOK-1", 2), ("MUG-1", 2), ("NOPE-1", 1))
+    await start_worker()
+    await settled(conn, [order_id])
+
+    final = await status_of(api, order_id)
+    assert final["status"] == "rejected"
+    assert "MUG-1 (requested 2, available 1)" in final["reason"]
+    assert "NOPE-1 (unknown SKU)" in final["reason"]
+    assert (await api.get("/inventory/BOOK-1")).json()["available"] == 10
+    assert await conn.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+async def test_message_on_the_wire_follows_the_contract(
+    api: httpx.AsyncClient, channel: AbstractChannel
+) -> None:
+    tap = await channel.declare_queue(exclusive=True)
+    await tap.bind(topology.ORDERS.name, topology.ORDER_ROUTING_KEY)
+    order_id = await submit(api, ("BOOK-1", 2), priority=7)
+
+    message = await wait_until(lambda: tap.get(no_ack=True, fail=False), 10, "the tapped message")
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.message_id == order_id
+    assert message.priority == 7
+    assert message.type == "order.created"
+    assert message.headers == {"attempt": 1}
+    assert message.exchange == "orders"
+    assert message.routing_key == "order.created"
+    assert orjson.loads(message.body) == {
+        "version": 1,
+        "id": order_id,
+        "customer_id": "c-1",
+        "items": [{"sku": "BOOK-1", "quantity": 2}],
+        "priority": 7,
+    }
+
+
+async def test_an_order_published_by_another_amqp_client_is_processed(
+    api: httpx.AsyncClient, start_worker: WorkerFactory, channel: AbstractChannel,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    """docs/messages.md is enough to publish an order without the producer."""
+    await set_stock(api, **{"PEN-1": 5})
+    order_id = str(uuid.uuid4())
+    body = {"version": 1, "id": order_id, "customer_id": "ext",
+            "items": [{"sku": "PEN-1", "quantity": 4}], "priority": 3}  # fmt: skip
+    exchange = await channel.get_exchange("orders")
+    await exchange.publish(
+        aio_pika.Message(
+            orjson.dumps(body),
+            content_type="application/json",
+            type="order.created",
+            message_id=order_id,
+            priority=3,
+            delivery_mode=2,
+        ),  # fmt: skip
+        routing_key="order.created",
+    )
+    await start_worker()
+    await wait_until(lambda: conn.fetchval("SELECT id FROM orders WHERE id = $1", order_id), 10)
+    await settled(conn, [order_id])
+    assert (await status_of(api, order_id))["status"] == "completed"
+    assert (await api.get("/inventory/PEN-1")).json()["available"] == 1
+
+
+async def test_duplicate_messages_take_effect_once(
+    api: httpx.AsyncClient, start_worker: WorkerFactory, channel: AbstractChannel,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    await set_stock(api, **{"BOOK-1": 100})
+    tap = await channel.declare_queue(exclusive=True)
+    await tap.bind(topology.ORDERS.name, topology.ORDER_ROUTING_KEY)
+    order_id = await submit(api, ("BOOK-1", 3))
+    original = await wait_until(lambda: tap.get(no_ack=True, fail=False), 10, "the tapped message")
+    exchange = await channel.get_exchange("orders")
+    copy = aio_pika.Message(original.body, content_type=original.content_type,
+                            type=original.type, message_id=original.message_id, delivery_mode=2)  # fmt: skip
+    for _ in range(5):
+        await exchange.publish(copy, routing_key="order.created")
+    await start_worker(concurrency=4, prefetch=4)
+    await wait_until(lambda: _empty(channel), 20, "the work queue to drain")
+    await settled(conn, [order_id])
+    assert (await api.get("/inventory/BOOK-1")).json()["available"] == 97
+    assert await conn.fetchval("SELECT count(*) FROM reservations") == 1
+
+
+async def _empty(channel: AbstractChannel) -> bool:
+    return await depth(channel, topology.WORK.name) == 0
+
+
+async def test_priority_is_honoured_under_backlog(
+    start_api: ApiFactory, start_worker: WorkerFactory, channel: AbstractChannel,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    api = await start_api()
+    await set_stock(api, **{"PEN-1": 1_000_000})
+    normal = [await submit(api, ("PEN-1", 1), priority=0) for _ in range(300)]
+    urgent = [await submit(api, ("PEN-1", 1), priority=9) for _ in range(30)]
+    await wait_until(lambda: _depth_is(channel, 330), 30, "330 queued orders")
+
+    await start_worker(prefetch=1, concurrency=1)
+    await settled(conn, urgent)
+    rows = await conn.fetch(
+        "SELECT id::text, priority FROM orders WHERE completed_at IS NOT NULL ORDER BY completed_at"
+    )
+    finished = [r["id"] for r in rows]
+    assert set(urgent) <= set(finished)
+    last_urgent = max(finished.index(u) for u in urgent)
+    normals_before = sum(1 for r in rows[:last_urgent] if r["priority"] == 0)
+    assert normals_before < 40, (
+        f"{normals_before} normal orders finished before the last urgent one"
+    )
+    await settled(conn, normal)
+
+
+async def _depth_is(channel: AbstractChannel, n: int) -> bool:
+    return await depth(channel, topology.WORK.name) == n
+
+
+async def test_orders_are_accepted_while_the_broker_is_unreachable(
+    start_api: ApiFactory, start_worker: WorkerFactory, rabbitmq_url: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    from tests.integration.proxy import Proxy
+
+    proxy = await Proxy.to(rabbitmq_url).start()
+    try:
+        api = await start_api(rabbitmq_url=proxy.url(rabbitmq_url), demo_catalogue=True)
+        await wait_until(lambda: _ready(api), 20, "the producer to be ready")
+        await proxy.cut()
+        await wait_until(lambda: _not_ready(api), 20, "/readyz to report the broker down")
+
+        ids = [await submit(api, ("BOOK-1", 1)) for _ in range(20)]
+        assert {(await status_of(api, i))["status"] for i in ids} == {"accepted"}
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 20
+
+        await start_worker()
+        await asyncio.sleep(1)
+        await proxy.restore()
+        await settled(conn, ids, timeout=60)
+        assert {(await status_of(api, i))["status"] for i in ids} == {"completed"}
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+        assert (await api.get("/inventory/BOOK-1")).json()["available"] == 1_000 - 20
+        await wait_until(lambda: _ready(api), 20, "the producer to be ready again")
+    finally:
+        await proxy.close()
+
+
+async def _ready(api: httpx.AsyncClient) -> bool:
+    return (await api.get("/readyz")).status_code == 200
+
+
+async def _not_ready(api: httpx.AsyncClient) -> bool:
+    response = await api.get("/readyz")
+    return response.status_code == 503 and response.json()["broker"] == "unreachable"
+
+
+async def test_health_and_openapi(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    await wait_until(lambda: _ready(api), 20, "the producer to be ready")
+    spec = (await api.get("/openapi.json")).json()
+    assert {"/orders", "/orders/{order_id}", "/inventory/{sku}", "/healthz", "/readyz"} <= set(
+        spec["paths"]
+    )
+    assert (await api.get("/docs")).status_code == 200

@@ -1,0 +1,96 @@
+"""The services as real processes: killed mid-work, stopped with SIGTERM, started as documented."""
+
+import asyncio
+import signal
+
+import asyncpg
+import httpx
+from aio_pika.abc import AbstractChannel
+
+from shared import topology
+from tests.integration.conftest import depth, settled, wait_until
+
+
+async def _post(client: httpx.AsyncClient, sku: str, quantity: int) -> str:
+    body = {"customer_id": "c-9", "items": [{"sku": sku, "quantity": quantity}]}
+    response = await client.post("/orders", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def _status_is(conn: asyncpg.Connection, ids: list[str], status: str) -> bool:
+    count = await conn.fetchval(
+        "SELECT count(*) FROM orders WHERE id = ANY($1::uuid[]) AND status = $2", ids, status
+    )
+    return bool(count == len(ids))
+
+
+async def test_consumer_killed_mid_work_the_order_completes_exactly_once(
+    spawn, conn: asyncpg.Connection
+) -> None:
+    producer = spawn("producer", "producer-kill", DEMO_CATALOGUE="true")
+    await producer.wait_healthy()
+    slow = spawn("consumer", "consumer-killed", ORDER_WORK_MS="30000")
+    await slow.wait_for_log("consuming")
+    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+        order_id = await _post(client, "MUG-1", 7)
+        await wait_until(lambda: _status_is(conn, [order_id], "processing"), 20, "processing")
+        slow.kill()
+
+        spawn("consumer", "consumer-survivor", ORDER_WORK_MS="0")
+        await settled(conn, [order_id])
+        order = (await client.get(f"/orders/{order_id}")).json()
+        assert order["status"] == "completed"
+        assert order["attempts"] == 2  # the killed attempt, then the redelivery
+        assert (await client.get("/inventory/MUG-1")).json()["available"] == 500 - 7
+    assert await conn.fetchval("SELECT count(*) FROM reservations") == 1
+
+
+async def test_sigterm_finishes_and_acks_in_flight_orders_then_exits(
+    spawn, conn: asyncpg.Connection, channel: AbstractChannel
+) -> None:
+    producer = spawn("producer", "producer-term", DEMO_CATALOGUE="true")
+    await producer.wait_healthy()
+    consumer = spawn("consumer", "consumer-term", ORDER_WORK_MS="2000", PREFETCH="4",
+                     CONCURRENCY="4")  # fmt: skip
+    await consumer.wait_for_log("consuming")
+    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+        in_flight = [await _post(client, "PEN-1", 1) for _ in range(4)]
+        await wait_until(lambda: _status_is(conn, in_flight, "processing"), 20, "4 in flight")
+        waiting = [await _post(client, "PEN-1", 1) for _ in range(3)]
+        await wait_until(lambda: _depth(channel, 3), 20, "3 more orders queued")
+
+        consumer.signal(signal.SIGTERM)
+        assert await consumer.wait(timeout=20) == 0
+        assert "waiting for 4 in-flight orders" in consumer.log()
+
+    await settled(conn, in_flight, timeout=1)
+    rows = await conn.fetch("SELECT status, attempts FROM orders WHERE id = ANY($1::uuid[])",
+                            in_flight)  # fmt: skip
+    assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
+    # Acked exactly once: only the 3 never started are still queued, none left unacked.
+    await asyncio.sleep(0.5)
+    assert await depth(channel, topology.WORK.name) == 3
+    assert await _status_is(conn, waiting, "accepted")
+
+
+async def _depth(channel: AbstractChannel, n: int) -> bool:
+    return await depth(channel, topology.WORK.name) == n
+
+
+async def test_producer_process_serves_the_documented_interface(spawn) -> None:
+    producer = spawn("producer", "producer-interface")
+    await producer.wait_healthy()
+    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+        ready = await wait_until(lambda: _ready(client), 20, "/readyz")
+        assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok"}
+        assert (await client.get("/openapi.json")).status_code == 200
+    producer.signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal: exit status 128 + 15.
+    assert await producer.wait(timeout=20) == -signal.SIGTERM
+    assert "Application shutdown complete" in producer.log()
+
+
+async def _ready(client: httpx.AsyncClient) -> httpx.Response | None:
+    response = await client.get("/readyz")
+    return response if response.status_code == 200 else None

@@ -1,4 +1,4 @@
-"""Fixtures over the real broker and database: a clean slate per test, services in and out of process."""
+"""Fixtures over the real broker and database: a clean slate per test, services to start."""
 
 import asyncio
 import contextlib
@@ -17,7 +17,6 @@ from producer.app import create_app
 from shared import db, topology
 from shared.settings import ConsumerSettings, ProducerSettings
 from tests.integration.processes import Producer, Service
-
 
 TABLES = "reservations, outbox, orders, inventory"
 

@@ -1,4 +1,4 @@
-"""The services as real processes (``python -m producer`` / ``python -m consumer``), as in production."""
+"""The services as real processes (``python -m producer``, ``python -m consumer``)."""
 
 import asyncio
 import os

@@ -7,7 +7,7 @@ from yarl import URL
 
 
 class Proxy:
-    """Forwards a local port to ``target``; ``cut()`` resets every connection and refuses new ones."""
+    """Forwards a local port to ``target``; ``cut()`` resets connections and refuses new ones."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)

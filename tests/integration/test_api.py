@@ -24,12 +24,27 @@ JSON = {"content-type": "application/json"}
 BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str]] = [
     ("malformed JSON", b'{"customer_id": ', JSON, 400, "/problems/malformed-json"),
     ("invalid UTF-8", b'{"customer_id": "\xff\xfe"}', JSON, 400, "about:blank"),
-    ("not JSON media type", b"customer_id=c-1", {"content-type": "text/plain"}, 415,
-     "/problems/unsupported-media-type"),
-    ("form body", b"customer_id=c-1", {"content-type": "application/x-www-form-urlencoded"},
-     415, "/problems/unsupported-media-type"),
-    ("body too large", b'{"customer_id": "' + b"x" * 2_000_000 + b'"}', JSON, 413,
-     "/problems/too-large"),
+    (
+        "not JSON media type",
+        b"customer_id=c-1",
+        {"content-type": "text/plain"},
+        415,
+        "/problems/unsupported-media-type",
+    ),
+    (
+        "form body",
+        b"customer_id=c-1",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+        "/problems/unsupported-media-type",
+    ),
+    (
+        "body too large",
+        b'{"customer_id": "' + b"x" * 2_000_000 + b'"}',
+        JSON,
+        413,
+        "/problems/too-large",
+    ),
     ("array body", b"[]", JSON, 422, "/problems/validation-error"),
     ("empty object", {}, {}, 422, "/problems/validation-error"),
     ("unknown field", order(coupon="FREE"), {}, 422, "/problems/validation-error"),
@@ -37,11 +52,21 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str]]
     ("customer_id too long", order(customer_id="c" * 65), {}, 422, "/problems/validation-error"),
     ("customer_id a number", order(customer_id=12), {}, 422, "/problems/validation-error"),
     ("customer_id with NUL", order(customer_id="c\x00d"), {}, 422, "/problems/validation-error"),
-    ("customer_id lone surrogate", b'{"customer_id": "c\\ud800", "items": [{"sku": "A",'
-     b' "quantity": 1}]}', JSON, 422, "/problems/validation-error"),
+    (
+        "customer_id lone surrogate",
+        b'{"customer_id": "c\\ud800", "items": [{"sku": "A", "quantity": 1}]}',
+        JSON,
+        422,
+        "/problems/validation-error",
+    ),
     ("no items", order(items=[]), {}, 422, "/problems/validation-error"),
-    ("101 items", order(items=[{"sku": "A", "quantity": 1}] * 101), {}, 422,
-     "/problems/validation-error"),
+    (
+        "101 items",
+        order(items=[{"sku": "A", "quantity": 1}] * 101),
+        {},
+        422,
+        "/problems/validation-error",
+    ),
     ("items not a list", order(items={"sku": "A"}), {}, 422, "/problems/validation-error"),
     ("sku empty", line(sku=""), {}, 422, "/problems/validation-error"),
     ("sku too long", line(sku="A" * 65), {}, 422, "/problems/validation-error"),
@@ -59,9 +84,14 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str]]
     ("priority -1", order(priority=-1), {}, 422, "/problems/validation-error"),
     ("priority string", order(priority="9"), {}, 422, "/problems/validation-error"),
     ("priority null", order(priority=None), {}, 422, "/problems/validation-error"),
-    ("idempotency key too long", GOOD, {"Idempotency-Key": "k" * 256}, 422,
-     "/problems/validation-error"),
-]  # fmt: skip
+    (
+        "idempotency key too long",
+        GOOD,
+        {"Idempotency-Key": "k" * 256},
+        422,
+        "/problems/validation-error",
+    ),
+]
 
 
 @pytest.mark.parametrize(

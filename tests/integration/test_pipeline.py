@@ -28,9 +28,16 @@ async def test_order_completes_and_reserves_exactly_its_quantities(
     await set_stock(api, **{"BOOK-1": 10, "MUG-1": 5})
     response = await api.post(
         "/orders",
-        json={"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2},
-              {"sku": "MUG-1", "quantity": 3}, {"sku": "BOOK-1", "quantity": 1}], "priority": 5},
-    )  # fmt: skip
+        json={
+            "customer_id": "c-1",
+            "items": [
+                {"sku": "BOOK-1", "quantity": 2},
+                {"sku": "MUG-1", "quantity": 3},
+                {"sku": "BOOK-1", "quantity": 1},
+            ],
+            "priority": 5,
+        },
+    )
     assert response.status_code == 202
     order = response.json()
     assert order["status"] == "accepted"
@@ -90,14 +97,21 @@ async def test_message_on_the_wire_follows_the_contract(
 
 
 async def test_an_order_published_by_another_amqp_client_is_processed(
-    api: httpx.AsyncClient, start_worker: WorkerFactory, channel: AbstractChannel,
+    api: httpx.AsyncClient,
+    start_worker: WorkerFactory,
+    channel: AbstractChannel,
     conn: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     """docs/messages.md is enough to publish an order without the producer."""
     await set_stock(api, **{"PEN-1": 5})
     order_id = str(uuid.uuid4())
-    body = {"version": 1, "id": order_id, "customer_id": "ext",
-            "items": [{"sku": "PEN-1", "quantity": 4}], "priority": 3}  # fmt: skip
+    body = {
+        "version": 1,
+        "id": order_id,
+        "customer_id": "ext",
+        "items": [{"sku": "PEN-1", "quantity": 4}],
+        "priority": 3,
+    }
     exchange = await channel.get_exchange("orders")
     await exchange.publish(
         aio_pika.Message(
@@ -107,7 +121,7 @@ async def test_an_order_published_by_another_amqp_client_is_processed(
             message_id=order_id,
             priority=3,
             delivery_mode=2,
-        ),  # fmt: skip
+        ),
         routing_key="order.created",
     )
     await start_worker()
@@ -118,17 +132,24 @@ async def test_an_order_published_by_another_amqp_client_is_processed(
 
 
 async def test_duplicate_messages_take_effect_once(
-    api: httpx.AsyncClient, start_worker: WorkerFactory, channel: AbstractChannel,
+    api: httpx.AsyncClient,
+    start_worker: WorkerFactory,
+    channel: AbstractChannel,
     conn: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     await set_stock(api, **{"BOOK-1": 100})
     tap = await channel.declare_queue(exclusive=True)
     await tap.bind(topology.ORDERS.name, topology.ORDER_ROUTING_KEY)
     order_id = await submit(api, ("BOOK-1", 3))
     original = await wait_until(lambda: tap.get(no_ack=True, fail=False), 10, "the tapped message")
     exchange = await channel.get_exchange("orders")
-    copy = aio_pika.Message(original.body, content_type=original.content_type,
-                            type=original.type, message_id=original.message_id, delivery_mode=2)  # fmt: skip
+    copy = aio_pika.Message(
+        original.body,
+        content_type=original.content_type,
+        type=original.type,
+        message_id=original.message_id,
+        delivery_mode=2,
+    )
     for _ in range(5):
         await exchange.publish(copy, routing_key="order.created")
     await start_worker(concurrency=4, prefetch=4)
@@ -143,9 +164,11 @@ async def _empty(channel: AbstractChannel) -> bool:
 
 
 async def test_priority_is_honoured_under_backlog(
-    start_api: ApiFactory, start_worker: WorkerFactory, channel: AbstractChannel,
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    channel: AbstractChannel,
     conn: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     api = await start_api()
     await set_stock(api, **{"PEN-1": 1_000_000})
     normal = [await submit(api, ("PEN-1", 1), priority=0) for _ in range(300)]
@@ -172,9 +195,11 @@ async def _depth_is(channel: AbstractChannel, n: int) -> bool:
 
 
 async def test_orders_are_accepted_while_the_broker_is_unreachable(
-    start_api: ApiFactory, start_worker: WorkerFactory, rabbitmq_url: str,
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    rabbitmq_url: str,
     conn: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     from tests.integration.proxy import Proxy
 
     proxy = await Proxy.to(rabbitmq_url).start()

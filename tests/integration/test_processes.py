@@ -51,8 +51,9 @@ async def test_sigterm_finishes_and_acks_in_flight_orders_then_exits(
 ) -> None:
     producer = spawn("producer", "producer-term", DEMO_CATALOGUE="true")
     await producer.wait_healthy()
-    consumer = spawn("consumer", "consumer-term", ORDER_WORK_MS="2000", PREFETCH="4",
-                     CONCURRENCY="4")  # fmt: skip
+    consumer = spawn(
+        "consumer", "consumer-term", ORDER_WORK_MS="2000", PREFETCH="4", CONCURRENCY="4"
+    )
     await consumer.wait_for_log("consuming")
     async with httpx.AsyncClient(base_url=producer.base_url) as client:
         in_flight = [await _post(client, "PEN-1", 1) for _ in range(4)]
@@ -65,8 +66,9 @@ async def test_sigterm_finishes_and_acks_in_flight_orders_then_exits(
         assert "waiting for 4 in-flight orders" in consumer.log()
 
     await settled(conn, in_flight, timeout=1)
-    rows = await conn.fetch("SELECT status, attempts FROM orders WHERE id = ANY($1::uuid[])",
-                            in_flight)  # fmt: skip
+    rows = await conn.fetch(
+        "SELECT status, attempts FROM orders WHERE id = ANY($1::uuid[])", in_flight
+    )
     assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
     # Acked exactly once: only the 3 never started are still queued, none left unacked.
     await asyncio.sleep(0.5)

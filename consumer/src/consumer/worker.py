@@ -112,8 +112,9 @@ class Worker:
                     return
                 await self.handle(message)
         except Exception:
-            log.exception("could not settle message %s; the broker will redeliver it",
-                          message.message_id)  # fmt: skip
+            log.exception(
+                "could not settle message %s; the broker will redeliver it", message.message_id
+            )
         finally:
             self._tasks.discard(task)
 
@@ -145,8 +146,13 @@ class Worker:
         s = self.settings
         delay = retry_delay_ms(attempt, s.retry_base_ms, s.retry_cap_ms)
         error = _describe(exc)
-        log.warning("order %s attempt %d failed (%s); retry in %d ms",
-                    message.message_id, attempt, error, delay)  # fmt: skip
+        log.warning(
+            "order %s attempt %d failed (%s); retry in %d ms",
+            message.message_id,
+            attempt,
+            error,
+            delay,
+        )
         order_id = messages.order_id_of(message)
         if order_id is not None:
             await self._best_effort(orders.mark_retrying(self.pool, order_id, error, delay))
@@ -184,8 +190,9 @@ class Worker:
                 self.settings.publish_timeout,
             )
         except Exception:
-            log.exception("could not move message %s to %s; requeueing it",
-                          message.message_id, exchange.name)  # fmt: skip
+            log.exception(
+                "could not move message %s to %s; requeueing it", message.message_id, exchange.name
+            )
             await asyncio.sleep(1)  # no hot loop while the broker is in trouble
             await message.nack(requeue=True)
             return

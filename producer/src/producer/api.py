@@ -109,9 +109,14 @@ async def submit_order(
     body = order.model_dump(mode="json")
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
     row = await pool.fetchrow(
-        SUBMIT, uuid4(), order.customer_id, body["items"], order.priority, idempotency_key,
+        SUBMIT,
+        uuid4(),
+        order.customer_id,
+        body["items"],
+        order.priority,
+        idempotency_key,
         digest if idempotency_key else None,
-    )  # fmt: skip
+    )
     if row is None:  # the key was used before
         row = await pool.fetchrow(
             f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1",
@@ -136,8 +141,9 @@ async def get_order(order_id: UUID, pool: PoolDep) -> OrderView:
     """An order's status, attempts, reason and timestamps."""
     row = await pool.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
     if row is None:
-        raise Problem(404, "Order not found", f"No order has the id {order_id}.",
-                      "/problems/not-found")  # fmt: skip
+        raise Problem(
+            404, "Order not found", f"No order has the id {order_id}.", "/problems/not-found"
+        )
     return _view(row)
 
 

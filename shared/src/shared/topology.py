@@ -66,9 +66,10 @@ DEAD_LETTERS = Queue("orders.dead", {"x-queue-type": "classic"})
 
 # One queue per delay level: a queue-level TTL expires in order, so a short delay never
 # waits behind a long one (per-message TTLs only expire at the head of a queue).
-RETRY_DELAYS_MS: tuple[int, ...] = (100, 200, 500) + tuple(
-    1_000 * s for s in (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1_200, 1_800, 3_600)
-)  # 100ms, 200ms, 500ms, 1s ... 30s, 1m, 2m, 5m, 10m, 20m, 30m, 1h
+RETRY_DELAYS_MS: tuple[int, ...] = (
+    *(100, 200, 500),
+    *(1_000 * s for s in (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1_200, 1_800, 3_600)),
+)  # 100ms 200ms 500ms 1s 2s 5s 10s 20s 30s 1m 2m 5m 10m 20m 30m 1h
 
 
 def delay_name(delay_ms: int) -> str:

@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# One image recipe for both services, built from the repo root so `shared` installs as a package:
+#   docker build --target producer .    docker build --target consumer .
+
+FROM python:3.11-slim AS build
+COPY --from=ghcr.io/astral-sh/uv:0.9 /uv /usr/local/bin/uv
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/app
+WORKDIR /src
+ARG SERVICE
+# Dependencies first: this layer is rebuilt only when the lock changes.
+COPY pyproject.toml uv.lock ./
+COPY shared/pyproject.toml shared/
+COPY producer/pyproject.toml producer/
+COPY consumer/pyproject.toml consumer/
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-install-workspace --package "${SERVICE}"
+COPY shared shared
+COPY producer producer
+COPY consumer consumer
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable --package "${SERVICE}"
+
+FROM python:3.11-slim AS runtime
+RUN useradd --system --uid 10001 --no-create-home app
+ENV PATH=/app/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001
+
+FROM runtime AS producer
+COPY --from=build /app /app
+EXPOSE 8000
+HEALTHCHECK --interval=5s --timeout=3s --start-period=20s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+CMD ["python", "-m", "producer"]
+
+FROM runtime AS consumer
+COPY --from=build /app /app
+CMD ["python", "-m", "consumer"]

@@ -1,0 +1,52 @@
+# Everything a person runs. `make` alone lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+# uv from PATH, or installed from PyPI into .tools on first use (a fresh machine needs only python3).
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+COMPOSE ?= docker compose
+N ?= 5
+
+.PHONY: help up down logs ps scale sync test lint fmt typecheck clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet uv
+
+up: ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, consumer)
+	$(COMPOSE) up -d --build --wait
+
+down: ## Stop the stack (data volumes are kept)
+	$(COMPOSE) down
+
+logs: ## Follow the stack's logs
+	$(COMPOSE) logs -f
+
+ps: ## Show the stack's containers
+	$(COMPOSE) ps
+
+scale: ## Run N consumers: make scale N=5
+	$(COMPOSE) up -d --wait --scale consumer=$(N)
+
+sync: $(UV) ## Install the workspace and dev tools into .venv
+	$(UV) sync --frozen
+
+test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontainers)
+	$(UV) run pytest
+
+lint: sync ## ruff lint and format check
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+fmt: sync ## Format and fix what ruff can
+	$(UV) run ruff format .
+	$(UV) run ruff check --fix .
+
+typecheck: sync ## mypy --strict
+	$(UV) run mypy
+
+clean: ## Remove the virtualenv, caches and test artifacts
+	rm -rf .venv .tools .pytest_cache .mypy_cache .ruff_cache test-artifacts

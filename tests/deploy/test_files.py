@@ -1,0 +1,60 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine."""
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is a dev dependency; run `make sync`"
+    return path
+
+
+def test_compose_file_is_valid_for_compose_v2() -> None:
+    result = subprocess.run(
+        [_tool("docker-compose"), "-f", "docker-compose.yml", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), "--failure-threshold", "warning", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_follows_the_conventions_scaling_relies_on() -> None:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "version" not in compose
+    assert compose["name"] == "orders"
+    services = compose["services"]
+    assert {"rabbitmq", "postgres", "producer", "consumer"} <= set(services)
+    consumer = services["consumer"]
+    assert "container_name" not in consumer
+    assert "ports" not in consumer
+    assert consumer["init"] is True
+    assert consumer["stop_grace_period"] == "30s"
+    for name in ("producer", "consumer"):
+        assert services[name]["depends_on"] == {
+            "rabbitmq": {"condition": "service_healthy"},
+            "postgres": {"condition": "service_healthy"},
+        }
+    assert services["rabbitmq"]["hostname"] == "rabbitmq"
+    assert "healthcheck" in services["rabbitmq"]
+    assert "healthcheck" in services["postgres"]
+    assert set(compose["volumes"]) == {"rabbitmq-data", "postgres-data"}

@@ -1,0 +1,126 @@
+"""The message contract and the topology, without a broker."""
+
+import uuid
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp import commands
+from pamqp.common import FieldTable
+
+from shared import messages, topology
+from shared.errors import InvalidMessage
+
+ORDER = messages.OrderMessage(
+    id=uuid.uuid4(), customer_id="c-1", items=[messages.Item(sku="A-1", quantity=2)], priority=4
+)
+
+
+def delivery(message: aio_pika.Message) -> aio_pika.IncomingMessage:
+    """What a consumer would receive for ``message``."""
+    props = message.properties
+    frame = commands.Basic.Deliver(delivery_tag=1, exchange="orders", routing_key="order.created")
+    return aio_pika.IncomingMessage(
+        DeliveredMessage(delivery=frame, header=_header(props), body=message.body, channel=None),  # type: ignore[arg-type]
+        no_ack=True,
+    )
+
+
+def _header(props: Any) -> Any:
+    from pamqp.header import ContentHeader
+
+    return ContentHeader(properties=props)
+
+
+def raw(
+    body: bytes, type_: str | None = "order.created", headers: FieldTable | None = None
+) -> aio_pika.IncomingMessage:
+    return delivery(
+        aio_pika.Message(body, type=type_, content_type="application/json", headers=headers)
+    )
+
+
+def test_encode_sets_every_property_the_contract_names() -> None:
+    message = messages.encode(ORDER)
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.message_id == str(ORDER.id)
+    assert message.priority == 4
+    assert message.type == "order.created"
+    assert message.headers == {"attempt": 1}
+    assert orjson.loads(message.body)["version"] == 1
+
+
+def test_decode_round_trips() -> None:
+    assert messages.decode(delivery(messages.encode(ORDER))) == ORDER
+
+
+@pytest.mark.parametrize(
+    ("incoming", "reason"),
+    [
+        (raw(b"not json"), "body is not JSON"),
+        (raw(b"\xff\xfe{}"), "not valid UTF-8"),
+        (raw(b'{"version": 2}'), "unknown schema version 2"),
+        (raw(b"[1, 2]"), "unknown schema version None"),
+        (raw(b'{"version": 1, "id": "x"}'), "invalid order"),
+        (
+            raw(orjson.dumps(ORDER.model_dump(mode="json")), type_="order.cancelled"),
+            "unknown message type",
+        ),
+        (raw(orjson.dumps(ORDER.model_dump(mode="json")), type_=None), "unknown message type"),
+    ],
+)
+def test_decode_names_why_a_message_is_poison(
+    incoming: aio_pika.IncomingMessage, reason: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=reason):
+        messages.decode(incoming)
+
+
+@pytest.mark.parametrize(
+    ("headers", "attempt"),
+    [
+        (None, 1),
+        ({"attempt": 3}, 3),
+        ({"attempt": "3"}, 1),
+        ({"attempt": 0}, 1),
+        ({"attempt": True}, 1),
+    ],
+)
+def test_attempt_header_is_read_defensively(headers: FieldTable | None, attempt: int) -> None:
+    assert messages.attempt_of(raw(b"{}", headers=headers)) == attempt
+
+
+def test_forward_keeps_priority_and_identity_and_replaces_headers() -> None:
+    incoming = delivery(messages.encode(ORDER, attempt=2))
+    copy = messages.forward(incoming, {"attempt": 3, "error-type": "X"})
+    assert copy.priority == 4
+    assert copy.message_id == str(ORDER.id)
+    assert copy.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert copy.headers == {"attempt": 3, "error-type": "X"}
+    assert copy.body == incoming.body
+
+
+def test_topology_binds_every_queue_and_uses_classic_priority_queue() -> None:
+    bound = {b.queue.name for b in topology.BINDINGS}
+    assert bound == {q.name for q in topology.QUEUES}
+    assert topology.WORK.arguments["x-max-priority"] == 9
+    assert all(q.arguments["x-queue-type"] == "classic" for q in topology.QUEUES)
+
+
+def test_each_retry_queue_dead_letters_back_to_work() -> None:
+    for delay, queue in zip(topology.RETRY_DELAYS_MS, topology.RETRY_QUEUES, strict=True):
+        assert queue.arguments["x-message-ttl"] == delay
+        assert queue.arguments["x-dead-letter-exchange"] == "orders"
+        assert queue.arguments["x-dead-letter-routing-key"] == "order.created"
+        assert queue.name == f"orders.retry.{topology.delay_name(delay)}"
+
+
+@pytest.mark.parametrize(
+    ("delay", "level"),
+    [(0, 100), (150, 100), (999, 500), (1_000, 1_000), (4_000, 2_000), (10**9, 3_600_000)],
+)
+def test_retry_level_rounds_down_to_a_declared_delay(delay: float, level: int) -> None:
+    assert topology.retry_level(delay) == level

@@ -202,3 +202,9 @@ async def settled(conn: asyncpg.Connection, ids: list[str], timeout: float = 60)
 async def depth(channel: AbstractChannel, queue: str) -> int:
     declared = await channel.declare_queue(queue, passive=True)
     return int(declared.declaration_result.message_count or 0)
+
+
+async def consuming(channel: AbstractChannel, n: int = 1) -> bool:
+    """At least ``n`` consumers are attached to the work queue."""
+    declared = await channel.declare_queue(topology.WORK.name, passive=True)
+    return int(declared.declaration_result.consumer_count or 0) >= n

@@ -326,3 +326,46 @@ async def test_dead_letters_can_be_listed_shown_replayed_and_purged(
     purged = await asyncio.to_thread(dlq_cli, database_url, rabbitmq_url, "purge", "--yes")
     assert "purged 1 message" in purged.stderr
     assert await depth(channel, topology.DEAD_LETTERS.name) == 0
+
+
+async def test_a_retrying_order_shows_its_attempt_error_and_next_try(
+    api: httpx.AsyncClient, start_worker: WorkerFactory, conn: asyncpg.Connection
+) -> None:
+    await start_worker(payment_failures_per_order=1, retry_base_ms=2_000, retry_cap_ms=2_000)
+    order_id = await submit(api, ("BOOK-1", 1))
+
+    async def retrying() -> dict[str, Any] | None:
+        order = await status_of(api, order_id)
+        return order if order["status"] == "retrying" else None
+
+    order = await wait_until(retrying, 10, "the order to be retrying")
+    assert order["attempts"] == 1
+    assert order["reason"].startswith("PaymentUnavailable: payment gateway unavailable")
+    next_at = datetime.fromisoformat(order["next_attempt_at"])
+    assert next_at > datetime.fromisoformat(order["updated_at"])
+    await settled(conn, [order_id], timeout=10)
+    final = await status_of(api, order_id)
+    assert (final["status"], final["attempts"], final["reason"]) == ("completed", 2, None)
+
+
+async def test_a_message_redelivered_without_end_is_dead_lettered(
+    api: httpx.AsyncClient,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+    channel: AbstractChannel,
+) -> None:
+    """Crashes redeliver without passing through the retry path; the database count bounds them."""
+    order_id = str(uuid.uuid4())
+    await conn.execute(
+        "INSERT INTO orders (id, customer_id, items, priority, status, attempts)"
+        " VALUES ($1, 'c', '[]', 0, 'processing', 16)",
+        uuid.UUID(order_id),
+    )
+    await start_worker(max_attempts=8)
+    await publish(channel, orjson.dumps(order_body(order_id)), order_id)
+    await settled(conn, [order_id], timeout=20)
+    order = await status_of(api, order_id)
+    assert order["status"] == "failed"
+    assert "crash loop" in order["reason"]
+    [letter] = await dead_letters(channel)
+    assert (letter.headers or {})["error-type"] == "PermanentError"

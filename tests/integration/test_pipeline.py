@@ -242,3 +242,27 @@ async def test_health_and_openapi(api: httpx.AsyncClient) -> None:
         spec["paths"]
     )
     assert (await api.get("/docs")).status_code == 200
+
+
+async def test_two_producer_replicas_publish_every_order_exactly_once(
+    start_api: ApiFactory, channel: AbstractChannel, conn: asyncpg.Connection
+) -> None:
+    seen: list[str] = []
+    tap = await channel.declare_queue(exclusive=True)
+    await tap.bind(topology.ORDERS.name, topology.ORDER_ROUTING_KEY)
+
+    async def record(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        seen.append(message.message_id or "")
+
+    await tap.consume(record, no_ack=True)
+    replicas = [await start_api(relay_interval=0.05), await start_api(relay_interval=0.05)]
+    await set_stock(replicas[0], **{"PEN-1": 10_000})
+    ids = await asyncio.gather(*(submit(replicas[i % 2], ("PEN-1", 1)) for i in range(300)))
+    await wait_until(lambda: _count(seen, 300), 20, "300 published orders")
+    await asyncio.sleep(0.5)
+    assert sorted(seen) == sorted(ids)
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def _count(items: list[str], n: int) -> bool:
+    return len(items) >= n

@@ -103,7 +103,7 @@ async def replay(
                 order_id = messages.order_id_of(message)
                 if order_id is not None:
                     await conn.execute(
-                        """UPDATE orders SET status = 'accepted', reason = NULL,
+                        """UPDATE orders SET status = 'accepted', reason = NULL, attempts = 0,
                                              next_attempt_at = NULL, updated_at = clock_timestamp()
                            WHERE id = $1 AND status = 'failed'""",
                         order_id,

@@ -14,7 +14,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.db import Status
-from shared.errors import PaymentUnavailable
+from shared.errors import PaymentUnavailable, PermanentError
 from shared.messages import OrderMessage
 from shared.settings import ConsumerSettings
 
@@ -45,6 +45,9 @@ async def process(
     started = await pool.fetchval(START, order.id, order.customer_id, items, order.priority)
     if started is None:
         return Outcome.DUPLICATE
+    if started > 2 * settings.max_attempts:
+        # Redeliveries after crashes do not pass through the retry path; this bounds them too.
+        raise PermanentError(f"started {started - 1} times without settling (crash loop?)")
     await external_work(order.id, attempt, settings)
     return await reserve(pool, order)
 

@@ -34,7 +34,8 @@ class ConsumerSettings(Settings):
     prefetch: int = Field(4, ge=1, description="unacked deliveries per process")
     concurrency: int = Field(4, ge=1, description="orders processed at once per process")
     order_work_ms: int = Field(100, ge=0, description="simulated external work per order")
-    order_timeout: float = Field(60.0, gt=0, description="seconds one attempt may take")
+    # Below RabbitMQ's consumer_timeout (30 min by default), which would close the channel.
+    order_timeout: float = Field(60.0, gt=0, lt=1800, description="seconds one attempt may take")
     retry_base_ms: int = Field(1_000, ge=1)
     retry_cap_ms: int = Field(300_000, ge=1)
     max_attempts: int = Field(8, ge=1)

@@ -6,8 +6,9 @@ SHELL := bash
 UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 COMPOSE ?= docker compose
 N ?= 5
+CONSUMERS ?= 2
 
-.PHONY: help up down logs ps scale sync test lint fmt typecheck clean
+.PHONY: help up down logs ps scale dev smoke sync test lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +31,12 @@ ps: ## Show the stack's containers
 
 scale: ## Run N consumers: make scale N=5
 	$(COMPOSE) up -d --wait --scale consumer=$(N)
+
+dev: sync ## Run the stack as local processes: make dev CONSUMERS=5 (no Docker needed)
+	CONSUMERS=$(CONSUMERS) $(UV) run python scripts/dev.py
+
+smoke: ## Where a Docker engine exists: up, scale to 5 consumers, post orders, check, tear down
+	bash scripts/smoke.sh
 
 sync: $(UV) ## Install the workspace and dev tools into .venv
 	$(UV) sync --frozen

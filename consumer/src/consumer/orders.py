@@ -49,7 +49,7 @@ async def process(
         # Redeliveries after crashes do not pass through the retry path; this bounds them too.
         raise PermanentError(f"started {started - 1} times without settling (crash loop?)")
     await external_work(order.id, attempt, settings)
-    return await reserve(pool, order)
+    return await reserve(pool, order, settings.consumer_name)
 
 
 async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings) -> None:
@@ -62,7 +62,7 @@ async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings
         raise PaymentUnavailable(f"payment gateway unavailable (simulated) for order {order_id}")
 
 
-async def reserve(pool: asyncpg.Pool, order: OrderMessage) -> Outcome:
+async def reserve(pool: asyncpg.Pool, order: OrderMessage, consumer: str) -> Outcome:
     """Reserve every line or none, and mark the order final, in one transaction."""
     wanted = Counter[str]()
     for item in order.items:
@@ -88,10 +88,12 @@ async def reserve(pool: asyncpg.Pool, order: OrderMessage) -> Outcome:
         if short:
             await conn.execute(
                 """UPDATE orders
-                   SET status = 'rejected', reason = $2, updated_at = clock_timestamp()
+                   SET status = 'rejected', reason = $2, processed_by = $3,
+                       updated_at = clock_timestamp()
                    WHERE id = $1""",
                 order.id,
                 "insufficient stock: " + ", ".join(short),
+                consumer,
             )
             return Outcome.REJECTED
         await conn.execute(
@@ -110,10 +112,11 @@ async def reserve(pool: asyncpg.Pool, order: OrderMessage) -> Outcome:
         )
         await conn.execute(
             """UPDATE orders
-               SET status = 'completed', reason = NULL, completed_at = clock_timestamp(),
-                                 updated_at = clock_timestamp()
+               SET status = 'completed', reason = NULL, processed_by = $2,
+                   completed_at = clock_timestamp(), updated_at = clock_timestamp()
                WHERE id = $1""",
             order.id,
+            consumer,
         )
         return Outcome.COMPLETED
 

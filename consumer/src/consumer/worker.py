@@ -64,8 +64,8 @@ class Worker:
         url = self.settings.rabbitmq_url
         # Separate connections: a memory or disk alarm blocks publishers, not consumers.
         async with (
-            await amqp.connect(url, "consumer") as consuming,
-            await amqp.connect(url, "consumer-publisher") as publishing,
+            await amqp.connect(url, f"consumer {self.settings.consumer_name}") as consuming,
+            await amqp.connect(url, f"publisher {self.settings.consumer_name}") as publishing,
         ):
             channel = await consuming.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self.settings.prefetch)

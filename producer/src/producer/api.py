@@ -52,6 +52,7 @@ class OrderView(BaseModel):
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    processed_by: str | None = Field(description="the consumer that settled the order")
 
 
 class StockLevel(BaseModel):
@@ -66,7 +67,7 @@ class StockView(StockLevel):
 
 
 ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, next_attempt_at,
-                   created_at, updated_at, completed_at"""
+                   created_at, updated_at, completed_at, processed_by"""
 
 # One statement, so one atomic step: the order and its outbox row exist together or not at all.
 SUBMIT = f"""

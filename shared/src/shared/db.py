@@ -71,6 +71,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (order_id, sku)
     );
     """,
+    "ALTER TABLE orders ADD COLUMN processed_by text",
 )
 
 _MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service

@@ -1,5 +1,8 @@
 """Configuration, read from the environment by each service's entry point and passed down."""
 
+import os
+import socket
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -42,3 +45,7 @@ class ConsumerSettings(Settings):
     payment_failure_rate: float = Field(0.0, ge=0, le=1)
     payment_failures_per_order: int = Field(0, ge=0)
     shutdown_grace: float = Field(25.0, gt=0, description="seconds to finish in-flight work")
+    consumer_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="recorded on each order it settles, and shown to RabbitMQ",
+    )

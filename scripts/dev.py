@@ -1,0 +1,94 @@
+"""``make dev``: the stack as local processes, the no-Docker twin of ``docker compose up``.
+
+Runs ``python -m producer`` and ``CONSUMERS`` (default 2) ``python -m consumer`` processes against
+``RABBITMQ_URL`` / ``DATABASE_URL`` (default: the local services), creating the database if it is
+missing. Their output is interleaved, one prefix per process. Ctrl-C or SIGTERM stops them all
+gracefully: consumers finish and ack their in-flight orders first.
+"""
+
+import asyncio
+import os
+import signal
+import sys
+
+import asyncpg
+from yarl import URL
+
+DEFAULTS = {
+    "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/",
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/orders",
+    "DEMO_CATALOGUE": "true",
+}
+GRACE = 30.0  # seconds before a process that ignores SIGTERM is killed
+
+
+async def ensure_database(url: str) -> None:
+    """Create the database named in ``url`` if the server does not have it yet."""
+    name = URL(url).path.lstrip("/") or "postgres"
+    admin = await asyncpg.connect(str(URL(url).with_path("/postgres")))
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            print(f"dev        | created database {name}", flush=True)
+    finally:
+        await admin.close()
+
+
+async def relay(name: str, stream: asyncio.StreamReader) -> None:
+    prefix = f"{name:<10} | ".encode()
+    while line := await stream.readline():
+        sys.stdout.buffer.write(prefix + line)
+        sys.stdout.flush()
+
+
+async def start(name: str, module: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    print(f"dev        | started {name} pid {process.pid}", flush=True)
+    return process
+
+
+async def main() -> int:
+    env = {**DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1"}
+    consumers = int(env.get("CONSUMERS", "2"))
+    await ensure_database(env["DATABASE_URL"])
+
+    named = {"producer": await start("producer", "producer", env)}
+    for i in range(1, consumers + 1):
+        name = f"consumer-{i}"
+        named[name] = await start(name, "consumer", {**env, "CONSUMER_NAME": name})
+    relays = [asyncio.create_task(relay(n, p.stdout)) for n, p in named.items() if p.stdout]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch(name: str, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if not stop.is_set():
+            print(f"dev        | {name} exited with status {code}", flush=True)
+
+    watchers = [asyncio.create_task(watch(n, p)) for n, p in named.items()]
+    await stop.wait()
+    print("dev        | stopping", flush=True)
+    for process in named.values():
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    _, late = await asyncio.wait(watchers, timeout=GRACE)
+    for process in named.values():
+        if process.returncode is None:
+            process.kill()
+    await asyncio.gather(*watchers, *relays)
+    print("dev        | stopped", flush=True)
+    return 1 if late else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -266,3 +266,52 @@ async def test_two_producer_replicas_publish_every_order_exactly_once(
 
 async def _count(items: list[str], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_backpressure_answers_503_with_retry_after_then_recovers(
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    rabbitmq_url: str,
+    conn: asyncpg.Connection,
+) -> None:
+    from tests.integration.proxy import Proxy
+
+    proxy = await Proxy.to(rabbitmq_url).start()
+    try:
+        api = await start_api(
+            rabbitmq_url=proxy.url(rabbitmq_url),
+            demo_catalogue=True,
+            max_outbox=5,
+            relay_interval=0.1,
+        )
+        await wait_until(lambda: _ready(api), 20, "the producer to be ready")
+        await proxy.cut()
+        ids = [await submit(api, ("BOOK-1", 1)) for _ in range(5)]
+
+        async def refused() -> httpx.Response | None:
+            response = await api.post(
+                "/orders", json={"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
+            )
+            if response.status_code == 202:
+                ids.append(response.json()["id"])
+                return None
+            return response
+
+        response = await wait_until(refused, 10, "backpressure")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "2"
+        assert response.json()["type"] == "/problems/backpressure"
+        stored = await conn.fetchval("SELECT count(*) FROM orders")
+        assert stored == len(ids)  # the refused order wrote nothing
+
+        await start_worker()
+        await proxy.restore()
+        await settled(conn, ids, timeout=60)
+        await wait_until(lambda: _accepting(api), 20, "backpressure to lift")
+    finally:
+        await proxy.close()
+
+
+async def _accepting(api: httpx.AsyncClient) -> bool:
+    body = {"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
+    return (await api.post("/orders", json=body)).status_code == 202

@@ -107,6 +107,15 @@ async def submit_order(
     idempotency_key: IdempotencyKey = None,
 ) -> OrderView:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
+    if relay.overloaded:
+        raise Problem(
+            503,
+            "Too much work queued",
+            f"{relay.outbox_depth} orders await publishing and {relay.queue_depth} are queued;"
+            " nothing was stored. Try again shortly.",
+            "/problems/backpressure",
+            headers={"Retry-After": "2"},
+        )
     body = order.model_dump(mode="json")
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
     row = await pool.fetchrow(

@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 import asyncpg
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractExchange, AbstractQueue
 
 from shared import amqp, topology
 from shared.messages import OrderMessage, encode
@@ -36,7 +36,16 @@ class Relay:
         self._pool, self._settings = pool, settings
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._queue: AbstractQueue | None = None
         self.connected = False
+        self.outbox_depth = 0
+        self.queue_depth: int | None = None  # unknown while disconnected
+
+    @property
+    def overloaded(self) -> bool:
+        """Past a configured bound: new orders should wait (503) rather than pile up."""
+        s = self._settings
+        return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
 
     def wake(self) -> None:
         """Publish now rather than at the next sweep."""
@@ -48,6 +57,26 @@ class Relay:
 
     async def run(self) -> None:
         """Connect, publish, reconnect after any broker trouble, until ``stop``."""
+        gauge = asyncio.create_task(self._measure(), name="outbox-gauge")
+        try:
+            await self._relay()
+        finally:
+            gauge.cancel()
+
+    async def _measure(self) -> None:
+        """Refresh the backlog figures behind ``overloaded``, once per ``relay_interval``."""
+        while not self._stopping.is_set():
+            try:
+                self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
+                if self._queue is not None and self.connected:
+                    declared = await self._queue.declare()
+                    self.queue_depth = declared.message_count
+            except Exception as exc:
+                log.debug("backlog gauge: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
+
+    async def _relay(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
             try:
@@ -56,7 +85,7 @@ class Relay:
             except Exception as exc:
                 log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
             finally:
-                self.connected = False
+                self.connected, self._queue, self.queue_depth = False, None, None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
@@ -92,6 +121,8 @@ class Relay:
             channel = await amqp.confirmed_channel(connection)
             await topology.declare(channel)
             exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+            gauge_channel = await connection.channel(publisher_confirms=False)
+            self._queue = await gauge_channel.get_queue(topology.WORK.name, ensure=False)
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))

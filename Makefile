@@ -8,7 +8,7 @@ COMPOSE ?= docker compose
 N ?= 5
 CONSUMERS ?= 2
 
-.PHONY: help up down logs ps scale dev smoke sync test lint fmt typecheck clean
+.PHONY: help up down logs ps scale dev smoke sync test faults lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ sync: $(UV) ## Install the workspace and dev tools into .venv
 
 test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontainers)
 	$(UV) run pytest
+
+faults: sync ## Every fault scenario at full length against a broker and database of its own; prints the table
+	$(UV) run python -m tests.faults
 
 lint: sync ## ruff lint and format check
 	$(UV) run ruff check .

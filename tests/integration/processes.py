@@ -66,8 +66,8 @@ class Service:
 
 
 class Producer(Service):
-    def __init__(self, name: str, env: dict[str, str]) -> None:
-        self.port = free_port()
+    def __init__(self, name: str, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
         super().__init__("producer", name, {**env, "HOST": "127.0.0.1", "PORT": str(self.port)})
         self.base_url = f"http://127.0.0.1:{self.port}"
 

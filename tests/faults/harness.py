@@ -1,0 +1,538 @@
+"""Jepsen-style fault injection: real processes under steady HTTP load, one fault at a time.
+
+Every request is recorded as ok (202), failed (4xx) or in doubt (timeout, 5xx, connection error);
+in-doubt requests are retried with the same Idempotency-Key. After the load and a drain, the
+checker counts lost (ok but not completed), duplicated (stock arithmetic does not add up),
+stuck (not final) and unexpected (an order nobody asked for) orders.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import random
+import re
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aio_pika
+import asyncpg
+import httpx
+
+from shared import topology
+from tests.faults.nodes import PostgresNode, RabbitNode
+from tests.integration.processes import Producer, Service, free_port
+from tests.integration.proxy import Proxy
+
+SKU = "FAULT-1"
+STOCK = 10_000_000
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each phase lasts; the short form keeps every scenario but shrinks the waits."""
+
+    rate: float  # orders per second
+    warmup: float
+    cooldown: float
+    outage: float  # pause, alarm, network cut
+    churn: float  # how long consumers are killed for
+    drain: float = 60.0
+
+
+SHORT = Timing(rate=25, warmup=2, cooldown=3, outage=8, churn=8)
+FULL = Timing(rate=50, warmup=5, cooldown=5, outage=20, churn=20)
+NETWORK_CUT_FULL = 30.0
+
+
+@dataclass
+class Request:
+    key: str
+    quantity: int
+    outcome: str = "in doubt"  # ok | failed | in doubt
+    order_id: str | None = None
+    tries: int = 0
+
+
+@dataclass
+class Load:
+    """Steady HTTP load at ``rate`` orders/s for ``duration`` seconds, with a history."""
+
+    base_url: str
+    rate: float
+    duration: float
+    history: list[Request] = field(default_factory=list)
+    in_doubt_events: int = 0
+    unavailable: int = 0  # 503 answers (with Retry-After)
+
+    async def run(self) -> None:
+        count = int(self.rate * self.duration)
+        started = time.monotonic()
+        give_up = started + self.duration + 90
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=5, limits=limits) as client:
+            tasks = []
+            for i in range(count):
+                await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+                request = Request(key=f"fault-{uuid.uuid4()}", quantity=random.randint(1, 3))
+                self.history.append(request)
+                tasks.append(asyncio.create_task(self._send(client, request, give_up)))
+            await asyncio.gather(*tasks)
+
+    async def _send(self, client: httpx.AsyncClient, request: Request, give_up: float) -> None:
+        body = {
+            "customer_id": "fault",
+            "items": [{"sku": SKU, "quantity": request.quantity}],
+            "priority": random.randint(0, 9),
+        }
+        while time.monotonic() < give_up:
+            request.tries += 1
+            wait = 0.5
+            try:
+                response = await client.post(
+                    "/orders", json=body, headers={"Idempotency-Key": request.key}
+                )
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.status_code == 202:
+                request.outcome, request.order_id = "ok", response.json()["id"]
+                return
+            if response is not None and 400 <= response.status_code < 500:
+                request.outcome = "failed"
+                return
+            self.in_doubt_events += 1
+            if response is not None and response.status_code == 503:
+                self.unavailable += 1
+                wait = float(response.headers.get("retry-after", "1"))
+            await asyncio.sleep(wait)
+
+
+class Stack:
+    """Producer and consumers as processes; the broker is reached through a cuttable proxy."""
+
+    def __init__(
+        self, name: str, broker: RabbitNode, database: PostgresNode, consumers: int
+    ) -> None:
+        self.name, self.broker, self.database = name, broker, database
+        self.vhost, self.dbname = f"fault-{name}", f"fault_{name.replace('-', '_')}"
+        self.proxy = Proxy("127.0.0.1", broker.port)
+        self.consumers: list[Service] = []
+        self.count = consumers
+        self.generation = itertools.count(1)
+        self.port = free_port()
+        self.starts = 0
+        self.producer: Producer | None = None
+        self.retired: list[Service] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "RABBITMQ_URL": self.broker.url(self.vhost, self.proxy.port),
+            "DATABASE_URL": self.database.url(self.dbname),
+            "ORDER_WORK_MS": "200",  # long enough that a kill catches orders in flight
+            "PREFETCH": "4",
+            "CONCURRENCY": "4",
+            "MAX_ATTEMPTS": "60",
+            "RETRY_BASE_MS": "200",
+            "RETRY_CAP_MS": "5000",
+            "PUBLISH_TIMEOUT": "5",
+            "RELAY_INTERVAL": "0.5",
+            "STARTUP_TIMEOUT": "120",
+            "SHUTDOWN_GRACE": "10",
+        }
+
+    async def start(self) -> None:
+        await self.broker.add_vhost(self.vhost)
+        admin = await asyncpg.connect(self.database.url())
+        await admin.execute(f'CREATE DATABASE "{self.dbname}"')
+        await admin.close()
+        await self.proxy.start()
+        await self.start_producer()
+        for i in range(self.count):
+            self.consumers.append(self._consumer(i))
+        for consumer in self.consumers:
+            await consumer.wait_for_log("consuming orders.work")
+        async with httpx.AsyncClient(base_url=self.base_url) as client:
+            await _until(lambda: _ready(client), 60)
+            await client.put(f"/inventory/{SKU}", json={"available": STOCK})
+
+    def _consumer(self, i: int) -> Service:
+        self.starts += 1
+        name = f"fault-{self.name}-consumer{i}-{next(self.generation)}"
+        return Service("consumer", name, {**self.env(), "CONSUMER_NAME": f"consumer{i}"})
+
+    async def start_producer(self) -> None:
+        self.starts += 1
+        name = f"fault-{self.name}-producer-{next(self.generation)}"
+        self.producer = Producer(name, self.env(), port=self.port)
+        await self.producer.wait_healthy(60)
+
+    async def restart_consumer(self, i: int, sig: signal.Signals) -> int:
+        """Stop consumer ``i`` with ``sig``, start a new one; the old one's exit status."""
+        old = self.consumers[i]
+        old.signal(sig)
+        code = await old.wait(60)
+        self.retired.append(old)
+        self.consumers[i] = self._consumer(i)
+        await self.consumers[i].wait_for_log("consuming orders.work", 120)
+        return code
+
+    async def kill_producer(self) -> None:
+        assert self.producer is not None
+        self.producer.kill()
+        self.retired.append(self.producer)
+
+    def services(self) -> list[Service]:
+        return [*self.retired, *self.consumers, *([self.producer] if self.producer else [])]
+
+    def reconnects(self) -> int:
+        """Broker sessions opened beyond each process's first."""
+        pattern = re.compile(r"outbox relay connected|consuming orders\.work")
+        return sum(len(pattern.findall(s.log())) for s in self.services()) - self.starts
+
+    async def stop(self) -> None:
+        for service in self.services():
+            service.signal(signal.SIGTERM)
+        for service in self.services():
+            with contextlib.suppress(AssertionError):
+                await service.wait(20)
+            service.kill()
+        await self.proxy.close()
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _until(check: Callable[[], Awaitable[object]], timeout: float) -> float:
+    """Seconds until ``check`` is truthy; raises after ``timeout``."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"not true within {timeout}s")
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+# The faults. Each gets the stack and the timing, and returns when the fault is healed.
+Fault = Callable[[Stack, Timing], Awaitable[None]]
+
+
+async def consumers_killed(stack: Stack, t: Timing) -> None:
+    end = time.monotonic() + t.churn
+    while time.monotonic() < end:
+        await stack.restart_consumer(random.randrange(stack.count), signal.SIGKILL)
+        await asyncio.sleep(2)
+
+
+async def rolling_redeploy(stack: Stack, t: Timing) -> None:
+    for i in range(stack.count):
+        code = await stack.restart_consumer(i, signal.SIGTERM)
+        assert code == 0, f"consumer {i} did not stop cleanly: {code}"
+        await asyncio.sleep(1)
+
+
+async def producer_killed(stack: Stack, t: Timing) -> None:
+    for _ in range(2):
+        await stack.kill_producer()
+        await asyncio.sleep(1)
+        await stack.start_producer()
+        await asyncio.sleep(t.churn / 4)
+
+
+async def broker_restarted(stack: Stack, t: Timing) -> None:
+    await stack.broker.ctl("stop_app")
+    await asyncio.sleep(3)
+    await stack.broker.ctl("start_app")
+
+
+async def broker_killed(stack: Stack, t: Timing) -> None:
+    await stack.broker.kill()
+    await stack.broker.restart_after_kill()
+
+
+async def connections_closed(stack: Stack, t: Timing) -> None:
+    for _ in range(3):
+        await stack.broker.ctl("close_all_connections", "-p", stack.vhost, "fault injection")
+        await asyncio.sleep(3)
+
+
+async def broker_paused(stack: Stack, t: Timing) -> None:
+    stack.broker.pause()
+    try:
+        await asyncio.sleep(t.outage)
+    finally:
+        stack.broker.resume()
+
+
+async def memory_alarm(stack: Stack, t: Timing) -> None:
+    await stack.broker.ctl("set_vm_memory_high_watermark", "0")
+    try:
+        await asyncio.sleep(t.outage)
+    finally:
+        await stack.broker.ctl("set_vm_memory_high_watermark", "0.4")
+
+
+async def disk_alarm(stack: Stack, t: Timing) -> None:
+    await stack.broker.ctl("set_disk_free_limit", "10000GB")
+    try:
+        await asyncio.sleep(t.outage)
+    finally:
+        await stack.broker.ctl("set_disk_free_limit", "50MB")
+
+
+async def postgres_killed(stack: Stack, t: Timing) -> None:
+    await stack.database.kill()
+    await asyncio.sleep(2)
+    await stack.database.start()
+
+
+async def network_cut(stack: Stack, t: Timing) -> None:
+    await stack.proxy.cut()
+    try:
+        await asyncio.sleep(NETWORK_CUT_FULL if t is FULL else t.outage)
+    finally:
+        await stack.proxy.restore()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    fault: Fault
+    evidence: str  # which observation proves the fault was real
+
+
+SCENARIOS = (
+    Scenario("consumers-sigkill", consumers_killed, "redeliveries"),
+    Scenario("rolling-redeploy", rolling_redeploy, "restarts"),
+    Scenario("producer-sigkill", producer_killed, "in_doubt"),
+    Scenario("broker-restart", broker_restarted, "reconnects"),
+    Scenario("broker-sigkill", broker_killed, "reconnects"),
+    Scenario("connections-closed", connections_closed, "reconnects"),
+    Scenario("broker-paused", broker_paused, "stalled"),
+    Scenario("memory-alarm", memory_alarm, "stalled"),
+    Scenario("disk-alarm", disk_alarm, "stalled"),
+    Scenario("postgres-sigkill", postgres_killed, "in_doubt"),
+    Scenario("network-cut", network_cut, "reconnects"),
+)
+
+
+@dataclass
+class Result:
+    scenario: str
+    ok: int
+    failed: int
+    in_doubt: int
+    completed: int
+    lost: int
+    duplicated: int
+    stuck: int
+    unexpected: int
+    redeliveries: int
+    reconnects: int
+    unavailable: int
+    not_ready: int
+    stalled: int
+    restarts: int
+    recovery_s: float
+    drained_s: float
+    evidence: str
+
+    @property
+    def fault_observed(self) -> bool:
+        return int(getattr(self, self.evidence)) > 0
+
+    @property
+    def passed(self) -> bool:
+        return (self.lost, self.duplicated, self.stuck, self.unexpected) == (0, 0, 0, 0) and (
+            self.fault_observed and self.drained_s <= 60
+        )
+
+
+async def run_scenario(
+    scenario: Scenario, broker: RabbitNode, database: PostgresNode, t: Timing, consumers: int = 3
+) -> Result:
+    stack = Stack(scenario.name, broker, database, consumers)
+    await stack.start()
+    readiness: list[int] = []
+    try:
+        load = Load(stack.base_url, t.rate, t.warmup + t.churn + t.cooldown)
+        load_task = asyncio.create_task(load.run())
+        watch = asyncio.create_task(_watch_readiness(stack.base_url, readiness))
+        await asyncio.sleep(t.warmup)
+        restarts_before = stack.starts
+        await scenario.fault(stack, t)
+        healed = datetime.now(UTC)
+        recovery = await _recovery(stack, healed)
+        await load_task
+        watch.cancel()
+        drained = await _drain(stack, load, t.drain)
+        stalled = sum(
+            len(re.findall(r"round failed|could not move", s.log())) for s in stack.services()
+        )
+        counts = await _check(stack, load)
+        return Result(
+            scenario=scenario.name,
+            ok=sum(r.outcome == "ok" for r in load.history),
+            failed=sum(r.outcome == "failed" for r in load.history),
+            in_doubt=load.in_doubt_events,
+            unavailable=load.unavailable,
+            not_ready=sum(code != 200 for code in readiness),
+            reconnects=stack.reconnects(),
+            stalled=stalled,
+            restarts=stack.starts - restarts_before,
+            recovery_s=recovery,
+            drained_s=drained,
+            evidence=scenario.evidence,
+            **counts,
+        )
+    finally:
+        await stack.stop()
+
+
+async def _watch_readiness(base_url: str, seen: list[int]) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=2) as client:
+        while True:
+            try:
+                seen.append((await client.get("/readyz")).status_code)
+            except httpx.HTTPError:
+                seen.append(0)
+            await asyncio.sleep(0.5)
+
+
+async def _recovery(stack: Stack, healed: datetime) -> float:
+    """Seconds from the fault's end until /readyz is 200 and an order completes again."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=2) as client:
+        await _until(lambda: _ready(client), 120)
+    conn = await _connect(stack)
+    try:
+        await _until(
+            lambda: conn.fetchval("SELECT count(*) FROM orders WHERE completed_at > $1", healed),
+            120,
+        )
+    finally:
+        await conn.close()
+    return time.monotonic() - started
+
+
+async def _connect(stack: Stack) -> asyncpg.Connection:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await asyncpg.connect(stack.database.url(stack.dbname))
+        except (OSError, asyncpg.PostgresError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _drain(stack: Stack, load: Load, limit: float) -> float:
+    """Seconds after the load until the queues and the outbox are empty and every order is final."""
+    started = time.monotonic()
+    conn = await _connect(stack)
+    connection = await aio_pika.connect(stack.broker.url(stack.vhost))
+    try:
+        channel = await connection.channel()
+
+        async def empty() -> bool:
+            for queue in (topology.WORK, *topology.RETRY_QUEUES):
+                declared = await channel.declare_queue(queue.name, passive=True)
+                if declared.declaration_result.message_count:
+                    return False
+            pending = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM orders"
+                " WHERE status NOT IN ('completed', 'rejected', 'failed'))"
+            )
+            return bool(pending == 0)
+
+        with contextlib.suppress(TimeoutError):
+            await _until(empty, limit + 30)
+    finally:
+        await connection.close()
+        await conn.close()
+    return time.monotonic() - started
+
+
+async def _check(stack: Stack, load: Load) -> dict[str, int]:
+    conn = await _connect(stack)
+    try:
+        orders = {
+            r["idempotency_key"]: r
+            for r in await conn.fetch(
+                """SELECT o.idempotency_key, o.status, (o.items->0->>'quantity')::int AS quantity,
+                          o.attempts,
+                          coalesce(sum(r.quantity), 0) AS reserved
+                   FROM orders o LEFT JOIN reservations r ON r.order_id = o.id
+                   GROUP BY o.id"""
+            )
+        }
+        available = await conn.fetchval("SELECT available FROM inventory WHERE sku = $1", SKU)
+    finally:
+        await conn.close()
+    sent = {r.key: r for r in load.history}
+    ok = [r for r in load.history if r.outcome == "ok"]
+    completed = [row for row in orders.values() if row["status"] == "completed"]
+    wanted = sum(row["quantity"] for row in completed)
+    twice = sum(
+        1
+        for row in orders.values()
+        if row["reserved"] != (row["quantity"] if row["status"] == "completed" else 0)
+    )
+    return {
+        "completed": len(completed),
+        "lost": sum(1 for r in ok if r.key not in orders or orders[r.key]["status"] == "failed"),
+        "duplicated": twice + (1 if STOCK - available != wanted else 0),
+        "stuck": sum(
+            1 for row in orders.values() if row["status"] not in ("completed", "failed", "rejected")
+        ),
+        "unexpected": sum(1 for key in orders if key not in sent or sent[key].outcome == "failed"),
+        "redeliveries": sum(row["attempts"] - 1 for row in completed),
+    }
+
+
+COLUMNS = (
+    ("scenario", "scenario"),
+    ("ok", "ok"),
+    ("failed", "failed"),
+    ("in doubt", "in_doubt"),
+    ("completed", "completed"),
+    ("lost", "lost"),
+    ("dup", "duplicated"),
+    ("stuck", "stuck"),
+    ("unexp", "unexpected"),
+    ("redeliv", "redeliveries"),
+    ("reconn", "reconnects"),
+    ("503s", "unavailable"),
+    ("not ready", "not_ready"),
+    ("stalled", "stalled"),
+    ("recovery s", "recovery_s"),
+    ("drained s", "drained_s"),
+    ("pass", "passed"),
+)
+
+
+def table(results: list[Result]) -> str:
+    """A Markdown table of the results."""
+
+    def cell(result: Result, attr: str) -> str:
+        value = getattr(result, attr)
+        if isinstance(value, bool):
+            return "yes" if value else "**NO**"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| " + " | ".join(h for h, _ in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(r, a) for _, a in COLUMNS) + " |" for r in results]
+    return "\n".join(lines)

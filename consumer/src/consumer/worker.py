@@ -67,15 +67,16 @@ class Worker:
             await amqp.connect(url, f"consumer {self.settings.consumer_name}") as consuming,
             await amqp.connect(url, f"publisher {self.settings.consumer_name}") as publishing,
         ):
-            channel = await consuming.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
-            await topology.declare(channel)
-            publisher = await amqp.confirmed_channel(publishing)
-            self._retry = await publisher.get_exchange(topology.RETRY.name, ensure=False)
-            self._dead = await publisher.get_exchange(topology.DEAD.name, ensure=False)
-            queue = await channel.get_queue(topology.WORK.name, ensure=False)
-            self._stopping = False
-            tag = await queue.consume(self._on_message)
+            async with asyncio.timeout(amqp.SETUP_TIMEOUT):
+                channel = await consuming.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=self.settings.prefetch)
+                await topology.declare(channel)
+                publisher = await amqp.confirmed_channel(publishing)
+                self._retry = await publisher.get_exchange(topology.RETRY.name, ensure=False)
+                self._dead = await publisher.get_exchange(topology.DEAD.name, ensure=False)
+                queue = await channel.get_queue(topology.WORK.name, ensure=False)
+                self._stopping = False
+                tag = await queue.consume(self._on_message)
             log.info("consuming %s from %s", topology.WORK.name, amqp.redact(url))
             lost = asyncio.ensure_future(
                 amqp.until_closed(consuming, channel, publishing, publisher)
@@ -88,7 +89,8 @@ class Worker:
                 lost.cancel()
             self._stopping = True
             if stop.is_set() and not channel.is_closed:
-                await queue.cancel(tag)
+                with contextlib.suppress(Exception):  # closing the channel cancels it anyway
+                    await queue.cancel(tag, timeout=amqp.SETUP_TIMEOUT)
             await self._drain()
             if not stop.is_set():
                 raise ConnectionError("broker connection lost")

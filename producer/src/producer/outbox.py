@@ -118,11 +118,12 @@ class Relay:
 
     async def _session(self) -> None:
         async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
-            channel = await amqp.confirmed_channel(connection)
-            await topology.declare(channel)
-            exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
-            gauge_channel = await connection.channel(publisher_confirms=False)
-            self._queue = await gauge_channel.get_queue(topology.WORK.name, ensure=False)
+            async with asyncio.timeout(amqp.SETUP_TIMEOUT):
+                channel = await amqp.confirmed_channel(connection)
+                await topology.declare(channel)
+                exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+                gauge_channel = await connection.channel(publisher_confirms=False)
+                self._queue = await gauge_channel.get_queue(topology.WORK.name, ensure=False)
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))

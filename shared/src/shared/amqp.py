@@ -8,6 +8,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from yarl import URL
 
 CONNECT_TIMEOUT = 10.0
+SETUP_TIMEOUT = 30.0  # channels, QoS and declarations after (re)connecting
 HEARTBEAT = 10  # seconds; a dead peer is noticed after about three missed beats
 
 

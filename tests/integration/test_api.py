@@ -175,3 +175,63 @@ async def test_inventory_can_be_set_and_read(api: httpx.AsyncClient) -> None:
     got = await api.get("/inventory/NEW-1")
     assert got.json()["sku"] == "NEW-1"
     assert got.json()["available"] == 42
+
+
+def entry(n: int, **changes: Any) -> dict[str, Any]:
+    return {
+        "customer_id": f"c-{n}",
+        "items": [{"sku": "PEN-1", "quantity": 1 + n % 3}],
+        "priority": n % 10,
+        **changes,
+    }
+
+
+async def test_a_batch_is_stored_in_one_transaction_each_order_idempotent(
+    api: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    orders = [entry(n, idempotency_key=f"batch-{n}") for n in range(3)] + [entry(3)]
+    first = await api.post("/orders/batch", json={"orders": orders})
+    assert first.status_code == 202, first.text
+    listed = first.json()["orders"]
+    assert [o["created"] for o in listed] == [True] * 4
+    assert [o["priority"] for o in listed] == [0, 1, 2, 3]
+    rows = await conn.fetch("SELECT id::text, priority, customer_id FROM orders")
+    assert {(r["id"], r["priority"]) for r in rows} == {(o["id"], o["priority"]) for o in listed}
+
+    again = await api.post("/orders/batch", json={"orders": [*orders[:3], entry(4)]})
+    assert again.status_code == 202
+    assert [o["id"] for o in again.json()["orders"][:3]] == [o["id"] for o in listed[:3]]
+    assert [o["created"] for o in again.json()["orders"]] == [False, False, False, True]
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 5
+
+    single = await api.post("/orders", json=entry(0), headers={"Idempotency-Key": "batch-0"})
+    assert single.json()["id"] == listed[0]["id"]  # one key, one order, whichever endpoint
+
+
+@pytest.mark.parametrize(
+    ("orders", "problem_type"),
+    [
+        (
+            [entry(0, idempotency_key="k"), entry(1, idempotency_key="k")],
+            "/problems/validation-error",
+        ),
+        ([entry(0), {**entry(1), "priority": 10}], "/problems/validation-error"),
+        ([entry(0)] * 1_001, "/problems/validation-error"),
+        ([], "/problems/validation-error"),
+        (
+            [entry(0), entry(1, idempotency_key="taken", priority=5)],
+            "/problems/idempotency-key-reused",
+        ),
+    ],
+    ids=["key twice", "one invalid order", "1001 orders", "empty", "key reused with another body"],
+)
+async def test_a_refused_batch_writes_nothing(
+    api: httpx.AsyncClient, conn: asyncpg.Connection, orders: list[Any], problem_type: str
+) -> None:
+    taken = await api.post("/orders", json=entry(1), headers={"Idempotency-Key": "taken"})
+    assert taken.status_code == 202
+    response = await api.post("/orders/batch", json={"orders": orders})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == problem_type
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1

@@ -9,7 +9,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from producer.outbox import Relay
 from producer.problems import UNAVAILABLE, Problem
@@ -31,9 +31,9 @@ def _relay(request: Request) -> Relay:
 
 PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
 RelayDep = Annotated[Relay, Depends(_relay)]
+KEY_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII, no spaces
 IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"),
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=KEY_PATTERN)
 ]
 SkuPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
@@ -53,6 +53,30 @@ class OrderView(BaseModel):
     updated_at: datetime
     completed_at: datetime | None
     processed_by: str | None = Field(description="the consumer that settled the order")
+
+
+class BatchEntry(NewOrder):
+    idempotency_key: Annotated[
+        str | None, StringConstraints(min_length=1, max_length=255, pattern=KEY_PATTERN)
+    ] = None
+
+
+class Batch(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    orders: Annotated[list[BatchEntry], Field(min_length=1, max_length=1_000)]
+
+
+class BatchItem(BaseModel):
+    id: UUID
+    status: Status
+    priority: int
+    idempotency_key: str | None
+    created: bool = Field(description="false when an earlier request with this key made it")
+
+
+class BatchView(BaseModel):
+    orders: list[BatchItem] = Field(description="in the order of the request")
 
 
 class StockLevel(BaseModel):
@@ -83,6 +107,37 @@ SUBMIT = f"""
 """
 
 
+# The whole batch in one statement; keys that already exist are resolved afterwards.
+SUBMIT_BATCH = """
+    WITH input AS (
+        SELECT * FROM jsonb_to_recordset($1::jsonb) AS t(
+            id uuid, customer_id text, items jsonb, priority smallint, key text, hash text)
+    ), new AS (
+        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
+        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex') FROM input
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id, priority
+    ), queued AS (
+        INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new
+    )
+    SELECT id FROM new
+"""
+
+
+def _digest(order: NewOrder) -> bytes:
+    """What makes two requests with one Idempotency-Key the same request."""
+    body = order.model_dump(mode="json", include={"customer_id", "items", "priority"})
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+KEY_REUSED = Problem(
+    422,
+    "Idempotency-Key reused",
+    "This Idempotency-Key was already used with a different request body.",
+    "/problems/idempotency-key-reused",
+)
+
+
 def _view(row: asyncpg.Record) -> OrderView:
     return OrderView.model_validate(dict(row))
 
@@ -107,6 +162,105 @@ async def submit_order(
     idempotency_key: IdempotencyKey = None,
 ) -> OrderView:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
+    _refuse_when_overloaded(relay)
+    digest = _digest(order)
+    items = [item.model_dump() for item in order.items]
+    key_hash = digest if idempotency_key else None
+    row = await pool.fetchrow(
+        SUBMIT, uuid4(), order.customer_id, items, order.priority, idempotency_key, key_hash
+    )
+    if row is None:  # the key was used before
+        row = await pool.fetchrow(
+            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1",
+            idempotency_key,
+        )
+        assert row is not None
+        if row["request_hash"] != digest:
+            raise KEY_REUSED
+    else:
+        relay.wake()
+    response.headers["Location"] = f"/orders/{row['id']}"
+    return _view(row)
+
+
+@router.post(
+    "/orders/batch",
+    status_code=202,
+    response_model=BatchView,
+    responses={422: {"description": "an invalid order, a key twice, or a key reused"}, 503: {}},
+)
+async def submit_batch(batch: Batch, pool: PoolDep, relay: RelayDep) -> BatchView:
+    """Accept up to 1,000 orders in one transaction: all are stored, or none."""
+    _refuse_when_overloaded(relay)
+    keys = [o.idempotency_key for o in batch.orders if o.idempotency_key]
+    if len(keys) != len(set(keys)):
+        raise Problem(
+            422,
+            "Duplicate Idempotency-Key",
+            "Each key may appear once in a batch.",
+            "/problems/validation-error",
+        )
+    ids = [uuid4() for _ in batch.orders]
+    digests = [_digest(o) for o in batch.orders]
+    rows = [
+        {
+            "id": str(i),
+            "customer_id": o.customer_id,
+            "items": [it.model_dump() for it in o.items],
+            "priority": o.priority,
+            "key": o.idempotency_key,
+            "hash": d.hex() if o.idempotency_key else None,
+        }
+        for i, o, d in zip(ids, batch.orders, digests, strict=True)
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        created = {r["id"] for r in await conn.fetch(SUBMIT_BATCH, rows)}
+        reused = [
+            o.idempotency_key for o, i in zip(batch.orders, ids, strict=True) if i not in created
+        ]
+        earlier = (
+            {
+                r["idempotency_key"]: r
+                for r in await conn.fetch(
+                    "SELECT id, status, idempotency_key, request_hash FROM orders"
+                    " WHERE idempotency_key = ANY($1::text[])",
+                    reused,
+                )
+            }
+            if reused
+            else {}
+        )
+        items = []
+        for order, order_id, digest in zip(batch.orders, ids, digests, strict=True):
+            if order_id in created:
+                items.append(
+                    BatchItem(
+                        id=order_id,
+                        status=Status.ACCEPTED,
+                        priority=order.priority,
+                        idempotency_key=order.idempotency_key,
+                        created=True,
+                    )
+                )
+                continue
+            row = earlier[order.idempotency_key]
+            if row["request_hash"] != digest:
+                raise KEY_REUSED  # rolls the whole batch back
+            items.append(
+                BatchItem(
+                    id=row["id"],
+                    status=row["status"],
+                    priority=order.priority,
+                    idempotency_key=order.idempotency_key,
+                    created=False,
+                )
+            )
+    if created:
+        relay.wake()
+    return BatchView(orders=items)
+
+
+def _refuse_when_overloaded(relay: Relay) -> None:
     if relay.overloaded:
         raise Problem(
             503,
@@ -116,34 +270,6 @@ async def submit_order(
             "/problems/backpressure",
             headers={"Retry-After": "2"},
         )
-    body = order.model_dump(mode="json")
-    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-    row = await pool.fetchrow(
-        SUBMIT,
-        uuid4(),
-        order.customer_id,
-        body["items"],
-        order.priority,
-        idempotency_key,
-        digest if idempotency_key else None,
-    )
-    if row is None:  # the key was used before
-        row = await pool.fetchrow(
-            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1",
-            idempotency_key,
-        )
-        assert row is not None
-        if row["request_hash"] != digest:
-            raise Problem(
-                422,
-                "Idempotency-Key reused",
-                "This Idempotency-Key was already used with a different request body.",
-                "/problems/idempotency-key-reused",
-            )
-    else:
-        relay.wake()
-    response.headers["Location"] = f"/orders/{row['id']}"
-    return _view(row)
 
 
 @router.get("/orders/{order_id}", response_model=OrderView, responses={404: {}})

@@ -8,7 +8,7 @@ COMPOSE ?= docker compose
 N ?= 5
 CONSUMERS ?= 2
 
-.PHONY: help up down logs ps scale dev smoke sync test faults lint fmt typecheck clean
+.PHONY: help up down logs ps scale dev smoke sync test faults bench lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontain
 
 faults: sync ## Every fault scenario at full length against a broker and database of its own; prints the table
 	$(UV) run python -m tests.faults
+
+bench: sync ## Throughput and latency against raw baselines, 3 runs each (~20 min); prints the table
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	$(UV) run python -m bench
 
 lint: sync ## ruff lint and format check
 	$(UV) run ruff check .

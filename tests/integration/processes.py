@@ -23,13 +23,15 @@ def free_port() -> int:
 class Service:
     """One service process; its output goes to ``test-artifacts/<name>.log``."""
 
-    def __init__(self, module: str, name: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, module: str, name: str, env: dict[str, str], args: tuple[str, ...] = ()
+    ) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.module, self.name = module, name
         self.log_path = ARTIFACTS / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, "-m", module, *args],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -58,6 +60,10 @@ class Service:
                 raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.log()}")
             await asyncio.sleep(0.1)
         return code
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

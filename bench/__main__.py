@@ -1,0 +1,747 @@
+"""``make bench``: the system against its own raw baselines, measured in one run on this machine.
+
+Runs the producer and consumers as local processes against RABBITMQ_URL / DATABASE_URL (default:
+vhost and database ``orders_bench`` on the local services; both are emptied), and prints one
+table: every figure the median of ``--runs`` runs with min-max, the baselines, the ratios and the
+targets of docs/performance.md. ``--smoke`` runs each phase once on a tiny load, no targets.
+"""
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import orjson
+import uvloop
+from yarl import URL
+
+from bench import baselines, load
+from shared import db, topology
+from tests.integration.processes import Producer, Service, free_port
+
+SKUS = 100
+
+
+@dataclass(frozen=True)
+class Size:
+    runs: int
+    seconds: float  # each wrk run
+    batch_orders: int
+    backlog: int  # relay and drain
+    small_backlog: int  # the drain again, for memory against backlog
+    priority_backlog: int
+    urgent: int
+    raw: int  # messages for the raw aio-pika baselines
+
+
+FULL = Size(
+    runs=3,
+    seconds=15,
+    batch_orders=20_000,
+    backlog=50_000,
+    small_backlog=5_000,
+    priority_backlog=10_000,
+    urgent=100,
+    raw=30_000,
+)
+SMOKE = Size(
+    runs=1,
+    seconds=1,
+    batch_orders=1_000,
+    backlog=300,
+    small_backlog=100,
+    priority_backlog=200,
+    urgent=10,
+    raw=500,
+)
+
+
+class Bench:
+    """The services as processes, their data reset between phases, and what to measure them by."""
+
+    def __init__(self, amqp_url: str, database_url: str, size: Size, consumer_env: dict[str, str]):
+        self.amqp_url, self.database_url, self.size = amqp_url, database_url, size
+        self.consumer_env = consumer_env
+        self.services: list[Service] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "RABBITMQ_URL": self.amqp_url,
+            "DATABASE_URL": self.database_url,
+            "LOG_LEVEL": "WARNING",
+            "ORDER_WORK_MS": "0",
+            **self.consumer_env,
+            **extra,
+        }
+
+    async def reset(self) -> None:
+        pool = await db.create_pool(self.database_url, 2)
+        try:
+            await db.migrate(pool, 30)
+            await pool.execute("TRUNCATE reservations, outbox, orders, inventory")
+            await pool.execute(
+                "INSERT INTO inventory (sku, available)"
+                " SELECT 'SKU-' || g, 1000000000 FROM generate_series(0, $1 - 1) g",
+                SKUS,
+            )
+        finally:
+            await pool.close()
+        async with await aio_pika.connect(self.amqp_url) as connection:
+            channel = await connection.channel()
+            await topology.declare(channel)
+            for queue in topology.QUEUES:
+                await (await channel.get_queue(queue.name)).purge()
+
+    async def seed_outbox(self, count: int, priority: int = 0) -> None:
+        """``count`` accepted orders waiting in the outbox, as if submitted while nothing ran."""
+        async with self.connection() as conn:
+            await conn.execute(
+                """WITH new AS (
+                     INSERT INTO orders (id, customer_id, items, priority, status)
+                     SELECT gen_random_uuid(), 'bench',
+                            jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % $2,
+                                                                 'quantity', 1)),
+                            $3, 'accepted'
+                     FROM generate_series(1, $1) g RETURNING id, priority)
+                   INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new""",
+                count,
+                SKUS,
+                priority,
+            )
+
+    @asynccontextmanager
+    async def connection(self) -> Any:
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def producer(self, **extra: str) -> Producer:
+        producer = Producer(f"bench-producer-{len(self.services)}", self.env(**extra))
+        self.services.append(producer)
+        await producer.wait_healthy(60)
+        return producer
+
+    async def consumers(self, count: int) -> list[Service]:
+        started = [
+            Service(
+                "consumer",
+                f"bench-consumer-{len(self.services)}-{i}",
+                self.env(CONSUMER_NAME=f"c{i}"),
+            )
+            for i in range(count)
+        ]
+        self.services += started
+        await self.until(lambda: self.consumer_count(count), 60)
+        return started
+
+    async def consumer_count(self, n: int) -> bool:
+        async with await aio_pika.connect(self.amqp_url) as connection:
+            queue = await (await connection.channel()).declare_queue(
+                topology.WORK.name, passive=True
+            )
+            return (queue.declaration_result.consumer_count or 0) >= n
+
+    async def queued(self) -> int:
+        async with await aio_pika.connect(self.amqp_url) as connection:
+            queue = await (await connection.channel()).declare_queue(
+                topology.WORK.name, passive=True
+            )
+            return int(queue.declaration_result.message_count or 0)
+
+    async def count(self, sql: str) -> int:
+        async with self.connection() as conn:
+            return int(await conn.fetchval(sql))
+
+    async def until(self, check: Callable[[], Awaitable[object]], timeout: float) -> float:
+        started = time.perf_counter()
+        while not await check():
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"bench: not done within {timeout}s")
+            await asyncio.sleep(0.05)
+        return time.perf_counter() - started
+
+    async def stop_all(self) -> None:
+        for service in self.services:
+            service.signal(signal.SIGTERM)
+        for service in self.services:
+            try:
+                await service.wait(30)
+            except AssertionError:
+                service.kill()
+        self.services.clear()
+
+
+# --- what the machine is doing --------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[float, int]:
+    """CPU seconds used and resident memory (bytes) of one process."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    except OSError:
+        return 0.0, 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _pids(user: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True, check=False)
+    return [int(p) for p in found.stdout.split()]
+
+
+class Watch:
+    """Peak RSS of some processes and CPU use of the services, the broker and the database."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.peak_rss: dict[str, int] = dict.fromkeys(groups, 0)
+        self.cpu: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def _cpu(self) -> dict[str, float]:
+        return {g: sum(_proc_stat(p)[0] for p in pids()) for g, pids in self.groups.items()}
+
+    async def _sample(self) -> None:
+        while True:
+            for group, pids in self.groups.items():
+                rss = sum(_proc_stat(p)[1] for p in pids())
+                self.peak_rss[group] = max(self.peak_rss[group], rss)
+            await asyncio.sleep(0.1)
+
+    @contextmanager
+    def running(self) -> Iterator["Watch"]:
+        before, started = self._cpu(), time.perf_counter()
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            wall = time.perf_counter() - started
+            self.cpu = {g: (c - before[g]) / wall for g, c in self._cpu().items()}
+
+
+# --- the phases ---------------------------------------------------------------------------------
+
+
+async def bare_fastapi(bench: Bench, connections: int) -> dict[str, float]:
+    """Baseline (a): the same server settings as the producer, no I/O."""
+    port = free_port()
+    server = Service(
+        "uvicorn",
+        "bench-bare-fastapi",
+        bench.env(),
+        args=(
+            "bench.bare_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ),
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+            await bench.until(lambda: _up(client, f"http://127.0.0.1:{port}/docs"), 30)
+        return await load.wrk(f"http://127.0.0.1:{port}/orders", connections, bench.size.seconds)
+    finally:
+        server.kill()
+
+
+async def _up(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def submit(bench: Bench, connections: int) -> dict[str, float]:
+    """(1) POST /orders, one order per request, the relay publishing as it goes."""
+    await bench.reset()
+    producer = await bench.producer()
+    watch = Watch({"producer": lambda: [producer.pid]})
+    try:
+        with watch.running():
+            result = await load.wrk(f"{producer.base_url}/orders", connections, bench.size.seconds)
+        result["producer_rss_mb"] = watch.peak_rss["producer"] / 2**20
+        return result
+    finally:
+        await bench.stop_all()
+
+
+async def batch_submit(bench: Bench) -> dict[str, float]:
+    """(2) POST /orders/batch with 1,000 orders a request."""
+    await bench.reset()
+    producer = await bench.producer()
+    try:
+        bodies = [
+            orjson.dumps(
+                {
+                    "orders": [
+                        {
+                            "customer_id": "bench",
+                            "items": [{"sku": f"SKU-{n % SKUS}", "quantity": 1}],
+                            "priority": n % 10,
+                            "idempotency_key": f"b{b}-{n}",
+                        }
+                        for n in range(1_000)
+                    ]
+                }
+            )
+            for b in range(bench.size.batch_orders // 1_000)
+        ]
+        async with httpx.AsyncClient(base_url=producer.base_url, timeout=60) as client:
+            started = time.perf_counter()
+            for body in bodies:
+                response = await client.post(
+                    "/orders/batch", content=body, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == 202, response.text
+            return {"rate": len(bodies) * 1_000 / (time.perf_counter() - started)}
+    finally:
+        await bench.stop_all()
+
+
+async def relay(bench: Bench, backlog: int, priority: int = 0) -> dict[str, float]:
+    """(3) The outbox relay: committed orders to confirmed messages. Leaves the backlog queued."""
+    await bench.reset()
+    await bench.seed_outbox(backlog, priority)
+    await bench.producer()
+    first = await bench.until(lambda: _below(bench, "SELECT count(*) FROM outbox", backlog), 60)
+    took = await bench.until(lambda: _below(bench, "SELECT count(*) FROM outbox", 1), 600)
+    await bench.until(lambda: _queued(bench, backlog), 60)
+    await bench.stop_all()
+    return {"rate": backlog / (took + 0.05), "startup_s": first}
+
+
+async def _below(bench: Bench, sql: str, n: int) -> bool:
+    return await bench.count(sql) < n
+
+
+async def _queued(bench: Bench, n: int) -> bool:
+    return await bench.queued() >= n
+
+
+async def drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
+    """(4) A backlog consumed with the real effect by ``consumers`` processes."""
+    await relay(bench, backlog)
+    done = "SELECT count(*) FROM orders WHERE status = 'completed'"
+    watch = Watch(
+        {
+            "consumer": lambda: [s.pid for s in bench.services],
+            "broker": lambda: _pids("rabbitmq"),
+            "database": lambda: _pids("postgres"),
+        }
+    )
+    started = time.perf_counter()
+    with watch.running():
+        await bench.consumers(consumers)
+        await bench.until(lambda: _at_least(bench, done, backlog), 900)
+    took = time.perf_counter() - started
+    await bench.stop_all()
+    return {
+        "rate": backlog / took,
+        "consumer_rss_mb": watch.peak_rss["consumer"] / 2**20 / consumers,
+        **{f"cpu_{g}": c * 100 for g, c in watch.cpu.items()},
+    }
+
+
+async def _at_least(bench: Bench, sql: str, n: int) -> bool:
+    return await bench.count(sql) >= n
+
+
+async def end_to_end(bench: Bench) -> dict[str, float]:
+    """(5) HTTP to completed: the sustained rate, then latency at half of it."""
+    await bench.reset()
+    producer = await bench.producer()
+    await bench.consumers(2)
+    done = "SELECT count(*) FROM orders WHERE status = 'completed'"
+    try:
+        before = await bench.count(done)
+        started = time.perf_counter()
+        await load.wrk(f"{producer.base_url}/orders", 16, bench.size.seconds)
+        await bench.until(lambda: _settled(bench), 600)
+        sustained = (await bench.count(done) - before) / (time.perf_counter() - started)
+
+        rate = sustained / 2
+        bodies = [
+            orjson.dumps(
+                {
+                    "customer_id": "e2e",
+                    "priority": 0,
+                    "items": [{"sku": f"SKU-{n % SKUS}", "quantity": 1}],
+                }
+            )
+            for n in range(int(rate * bench.size.seconds))
+        ]
+        url = URL(producer.base_url)
+        await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, rate)
+        await bench.until(lambda: _settled(bench), 120)
+        async with bench.connection() as conn:
+            waits = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM orders"
+                    " WHERE customer_id = 'e2e'"
+                )
+            ]
+        return {"rate": sustained, "half_rate": rate, **_percentiles(waits)}
+    finally:
+        await bench.stop_all()
+
+
+async def _settled(bench: Bench) -> bool:
+    return (
+        await bench.count(
+            "SELECT count(*) FROM orders WHERE status NOT IN ('completed', 'rejected', 'failed')"
+        )
+        == 0
+    )
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": pick(0.50), "p99_ms": pick(0.99)}
+
+
+async def priority(bench: Bench) -> dict[str, float]:
+    """(6) Urgent orders posted into a backlog of normal ones: how long each waits."""
+    await relay(bench, bench.size.priority_backlog, priority=0)
+    producer = await bench.producer()
+    consumers_started = time.time()
+    await bench.consumers(2)
+    bodies = [
+        orjson.dumps(
+            {"customer_id": "urgent", "priority": 9, "items": [{"sku": "SKU-1", "quantity": 1}]}
+        )
+        for _ in range(bench.size.urgent)
+    ]
+    url = URL(producer.base_url)
+    await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, 50)
+    await bench.until(lambda: _settled(bench), 600)
+    async with bench.connection() as conn:
+        rows = await conn.fetch(
+            """SELECT priority, extract(epoch FROM completed_at
+                 - greatest(created_at, to_timestamp($1))) * 1000 AS wait
+               FROM orders""",
+            consumers_started,
+        )
+    await bench.stop_all()
+    urgent = _percentiles([r["wait"] for r in rows if r["priority"] == 9])
+    normal = _percentiles([r["wait"] for r in rows if r["priority"] == 0])
+    return {
+        "p9_p50_ms": urgent["p50_ms"],
+        "p9_p99_ms": urgent["p99_ms"],
+        "p0_p50_ms": normal["p50_ms"],
+        "p0_p99_ms": normal["p99_ms"],
+    }
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _median(runs: list[dict[str, float]], key: str) -> tuple[float, float, float]:
+    values = [r[key] for r in runs]
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(stat: tuple[float, float, float], unit: str = "") -> str:
+    med, lo, hi = stat
+    digits = 0 if med >= 100 else 1
+    return f"{med:,.{digits}f}{unit} ({lo:,.{digits}f}–{hi:,.{digits}f})"
+
+
+async def measure(bench: Bench, runs: int) -> list[str]:
+    """Every phase ``runs`` times, interleaved so drift hits all figures alike."""
+    s = bench.size
+    phases: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
+        "bare16": lambda: bare_fastapi(bench, 16),
+        "bare64": lambda: bare_fastapi(bench, 64),
+        "submit16": lambda: submit(bench, 16),
+        "submit64": lambda: submit(bench, 64),
+        "batch": lambda: batch_submit(bench),
+        "raw_publish": lambda: _rate(baselines.publish(bench.amqp_url, s.raw)),
+        "raw_consume": lambda: _rate(baselines.consume(bench.amqp_url, s.raw)),
+        "relay": lambda: relay(bench, s.backlog),
+        "drain1": lambda: drain(bench, 1, s.backlog),
+        "drain2": lambda: drain(bench, 2, s.backlog),
+        "drain1_small": lambda: drain(bench, 1, s.small_backlog),
+        "e2e": lambda: end_to_end(bench),
+        "priority": lambda: priority(bench),
+    }
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in phases}
+    for run in range(runs):
+        for name, phase in phases.items():
+            print(f"bench: run {run + 1}/{runs} {name}", file=sys.stderr, flush=True)
+            results[name].append(await phase())
+    return _table(results, smoke=runs == 1 and s is SMOKE)
+
+
+async def _rate(measured: Awaitable[float]) -> dict[str, float]:
+    return {"rate": await measured}
+
+
+def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
+    m = lambda name, key="rate": _median(r[name], key)  # noqa: E731
+
+    def row(
+        figure: str,
+        ours: tuple[float, float, float],
+        unit: str,
+        base: str,
+        ratio: float | None,
+        target: str,
+        met: bool | None,
+    ) -> str:
+        shown = "" if ratio is None else f"{ratio:.0%}" if ratio < 10 else f"{ratio:.1f}x"
+        verdict = "" if smoke or met is None else ("yes" if met else "**no**")
+        return f"| {figure} | {_fmt(ours, unit)} | {base} | {shown} | {target} | {verdict} |"
+
+    lines = [
+        "| figure | measured: median (min–max) | baseline | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in (16, 64):
+        ours, base = m(f"submit{c}"), m(f"bare{c}")
+        lines.append(
+            row(
+                f"submit, c={c}: accepted orders/s",
+                ours,
+                "",
+                _fmt(base) + " (a)",
+                ours[0] / base[0],
+                "≥ 70% of (a)",
+                ours[0] >= 0.7 * base[0],
+            )
+        )
+        lines.append(
+            row(
+                f"submit, c={c}: latency p50 / p99",
+                m(f"submit{c}", "p50_ms"),
+                " ms",
+                f"p99 {_fmt(m(f'submit{c}', 'p99_ms'), ' ms')}",
+                None,
+                "",
+                None,
+            )
+        )
+    pub = m("raw_publish")
+    for name, label in (
+        ("batch", "batch submit, 1,000 per request: orders/s"),
+        ("relay", "relay publish, committed → confirmed: orders/s"),
+    ):
+        ours = m(name)
+        lines.append(
+            row(
+                label,
+                ours,
+                "",
+                _fmt(pub) + " (b)",
+                ours[0] / pub[0],
+                "≥ 90% of (b)",
+                ours[0] >= 0.9 * pub[0],
+            )
+        )
+    con, one, two = m("raw_consume"), m("drain1"), m("drain2")
+    lines.append(
+        row(
+            "drain, 1 consumer: orders/s",
+            one,
+            "",
+            _fmt(con) + " (c)",
+            one[0] / con[0],
+            "≥ 70% of (c)",
+            one[0] >= 0.7 * con[0],
+        )
+    )
+    lines.append(
+        row(
+            "drain, 2 consumers: orders/s",
+            two,
+            "",
+            "drain, 1 consumer",
+            two[0] / one[0],
+            "≥ 1.3x",
+            two[0] >= 1.3 * one[0],
+        )
+    )
+    for group in ("consumer", "broker", "database"):
+        lines.append(
+            row(
+                f"CPU during the 2-consumer drain: {group}",
+                m("drain2", f"cpu_{group}"),
+                "% of a core",
+                "",
+                None,
+                "",
+                None,
+            )
+        )
+    e2e = m("e2e")
+    lines.append(
+        row("end to end, HTTP → completed: orders/s sustained", e2e, "", "", None, "", None)
+    )
+    lines.append(
+        row(
+            f"end to end at half load ({_median(r['e2e'], 'half_rate')[0]:.0f}/s): p50",
+            m("e2e", "p50_ms"),
+            " ms",
+            "",
+            None,
+            "",
+            None,
+        )
+    )
+    p99 = m("e2e", "p99_ms")
+    lines.append(row("end to end at half load: p99", p99, " ms", "", None, "≤ 50 ms", p99[0] <= 50))
+    p9, p0 = m("priority", "p9_p99_ms"), m("priority", "p0_p99_ms")
+    lines.append(
+        row(
+            "priority 9 wait in a backlog: p50",
+            m("priority", "p9_p50_ms"),
+            " ms",
+            f"priority 0: {_fmt(m('priority', 'p0_p50_ms'), ' ms')}",
+            None,
+            "",
+            None,
+        )
+    )
+    lines.append(
+        row(
+            "priority 9 wait in a backlog: p99",
+            p9,
+            " ms",
+            f"priority 0: {_fmt(p0, ' ms')}",
+            p9[0] / p0[0],
+            "≤ 5% of priority 0",
+            p9[0] <= 0.05 * p0[0],
+        )
+    )
+    big, small = m("drain1", "consumer_rss_mb"), m("drain1_small", "consumer_rss_mb")
+    lines.append(
+        row(
+            "consumer peak RSS, large backlog",
+            big,
+            " MB",
+            f"small backlog: {_fmt(small, ' MB')}",
+            big[0] / small[0],
+            "same (≤ 1.1x)",
+            big[0] <= 1.1 * small[0],
+        )
+    )
+    lines.append(
+        row(
+            "producer peak RSS under submit, c=64",
+            m("submit64", "producer_rss_mb"),
+            " MB",
+            f"c=16: {_fmt(m('submit16', 'producer_rss_mb'), ' MB')}",
+            None,
+            "bounded",
+            None,
+        )
+    )
+    return lines
+
+
+def _versions() -> str:
+    rabbit = (
+        subprocess.run(
+            ["rabbitmqctl", "-q", "version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "?"
+    )
+    pg = subprocess.run(
+        ["psql", "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()[2:3] or ["?"]
+    return (
+        f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()};"
+        f" Python {platform.python_version()}, RabbitMQ {rabbit}, PostgreSQL {pg[0]}"
+    )
+
+
+def _prepare(amqp_url: str, database_url: str) -> None:
+    """Create the benchmark's vhost and database when they are local and missing."""
+    vhost = URL(amqp_url).path.lstrip("/")
+    if vhost and shutil.which("rabbitmqctl"):
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
+        subprocess.run(
+            [
+                "rabbitmqctl",
+                "-q",
+                "set_permissions",
+                "-p",
+                vhost,
+                URL(amqp_url).user or "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
+            capture_output=True,
+            check=False,
+        )
+
+    async def create() -> None:
+        name = URL(database_url).path.lstrip("/")
+        admin = await asyncpg.connect(str(URL(database_url).with_path("/postgres")))
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+
+    uvloop.run(create())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny load, one run, no targets")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    amqp_url = os.environ.get(
+        "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
+    )
+    database_url = os.environ.get(
+        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/orders_bench"
+    )
+    consumer_env = {
+        "PREFETCH": os.environ.get("BENCH_PREFETCH", "64"),
+        "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "32"),
+    }
+    _prepare(amqp_url, database_url)
+    size = SMOKE if args.smoke else FULL
+    bench = Bench(amqp_url, database_url, size, consumer_env)
+    started = time.perf_counter()
+    lines = uvloop.run(measure(bench, 1 if args.smoke else args.runs))
+    print(
+        f"\n{'smoke' if args.smoke else 'full'} run, {_versions()};"
+        f" consumers with PREFETCH={consumer_env['PREFETCH']}"
+        f" CONCURRENCY={consumer_env['CONCURRENCY']}, ORDER_WORK_MS=0;"
+        f" took {time.perf_counter() - started:.0f} s\n"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Baselines (b) and (c): raw aio-pika publishing with confirms, and consuming with manual acks."""
+
+import asyncio
+import time
+
+import aio_pika
+
+QUEUE = "bench.raw"
+
+
+async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
+    """Persistent messages to a durable queue, ``in_flight`` confirms outstanding; msgs/s."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(QUEUE, durable=True)
+        await queue.purge()
+        body = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
+        slots = asyncio.Semaphore(in_flight)
+
+        async def one() -> None:
+            async with slots:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=QUEUE,
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(count)))
+        return count / (time.perf_counter() - started)
+
+
+async def consume(url: str, count: int, prefetch: int = 100) -> float:
+    """Manual acks, a no-op handler, ``prefetch`` unacked; msgs/s. Needs ``publish`` first."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.declare_queue(QUEUE, durable=True)
+        done = asyncio.Event()
+        seen = 0
+
+        async def handle(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal seen
+            await message.ack()
+            seen += 1
+            if seen == count:
+                done.set()
+
+        started = time.perf_counter()
+        await queue.consume(handle)
+        await done.wait()
+        rate = count / (time.perf_counter() - started)
+        await queue.delete(if_unused=False, if_empty=False)
+        return rate

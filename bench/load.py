@@ -1,0 +1,74 @@
+"""Load: wrk for closed-loop throughput, and a paced open-loop HTTP client for latency at a rate."""
+
+import asyncio
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+LUA = Path(__file__).with_name("submit.lua")
+
+
+async def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    """POST /orders for ``seconds`` with ``connections`` open; accepted/s and latency in ms."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise RuntimeError("wrk is not installed: apt-get install wrk")
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    found = re.search(rb"WRK (\{.*\})", out)
+    if not found:
+        raise RuntimeError(f"wrk printed no result: {out.decode(errors='replace')}")
+    r = json.loads(found.group(1))
+    accepted = r["requests"] - r["status_errors"]
+    return {
+        "rate": accepted / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "errors": r["status_errors"] + r["socket_errors"],
+    }
+
+
+async def paced(host: str, port: int, bodies: list[bytes], rate: float) -> int:
+    """Send each body as POST /orders at ``rate`` per second on keep-alive connections; 202s."""
+    idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    accepted = 0
+
+    async def one(body: bytes) -> None:
+        nonlocal accepted
+        if idle.empty():
+            reader, writer = await asyncio.open_connection(host, port)
+        else:
+            reader, writer = idle.get_nowait()
+        writer.write(
+            b"POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        accepted += head.startswith(b"HTTP/1.1 202")
+        idle.put_nowait((reader, writer))
+
+    started = time.perf_counter()
+    tasks = []
+    for i, body in enumerate(bodies):
+        await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(body)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait()[1].close()
+    return accepted

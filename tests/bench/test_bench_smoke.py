@@ -1,0 +1,44 @@
+"""The benchmark harness, run tiny so it cannot rot: every phase runs and the table prints."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from yarl import URL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -> None:
+    env = {
+        **os.environ,
+        "BENCH_RABBITMQ_URL": str(URL(rabbitmq_url).with_path("/orders_bench_smoke")),
+        "BENCH_DATABASE_URL": str(URL(database_url).with_path("/orders_bench_smoke")),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    figures = [line.split(" | ")[0] for line in table[1:]]
+    assert len(figures) == 18, result.stdout
+    for figure in (
+        "submit, c=16",
+        "batch submit",
+        "relay publish",
+        "drain, 1 consumer",
+        "drain, 2 consumers",
+        "end to end at half load: p99",
+        "priority 9 wait",
+        "consumer peak RSS",
+        "producer peak RSS",
+    ):
+        assert any(figure in f for f in figures), figure
+    assert "nan" not in result.stdout

@@ -13,7 +13,6 @@ from uuid import UUID
 
 import asyncpg
 
-from shared.db import Status
 from shared.errors import PaymentUnavailable, PermanentError
 from shared.messages import OrderMessage
 from shared.settings import ConsumerSettings
@@ -63,62 +62,21 @@ async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings
 
 
 async def reserve(pool: asyncpg.Pool, order: OrderMessage, consumer: str) -> Outcome:
-    """Reserve every line or none, and mark the order final, in one transaction."""
+    """Reserve every line or none and mark the order final, in one transaction.
+
+    ``reserve_order`` (shared/db.py) locks the order's row, then the stock rows in SKU order,
+    and either reserves everything and marks the order completed, or marks it rejected with the
+    lines that are short. An order already final is left alone: that is what makes a
+    redelivery harmless.
+    """
     wanted = Counter[str]()
     for item in order.items:
         wanted[item.sku] += item.quantity
     skus = sorted(wanted)
-    quantities = [wanted[sku] for sku in skus]
-    async with pool.acquire() as conn, conn.transaction():
-        status = await conn.fetchval("SELECT status FROM orders WHERE id = $1 FOR UPDATE", order.id)
-        if status in (Status.COMPLETED, Status.REJECTED, Status.FAILED):
-            return Outcome.DUPLICATE
-        # Row locks in SKU order: concurrent orders never deadlock on each other.
-        rows = await conn.fetch(
-            "SELECT sku, available FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE", skus
-        )
-        stock = {row["sku"]: row["available"] for row in rows}
-        short = [
-            f"{sku} (requested {wanted[sku]}, available {stock[sku]})"
-            if sku in stock
-            else f"{sku} (unknown SKU)"
-            for sku in skus
-            if stock.get(sku, 0) < wanted[sku]
-        ]
-        if short:
-            await conn.execute(
-                """UPDATE orders
-                   SET status = 'rejected', reason = $2, processed_by = $3,
-                       updated_at = clock_timestamp()
-                   WHERE id = $1""",
-                order.id,
-                "insufficient stock: " + ", ".join(short),
-                consumer,
-            )
-            return Outcome.REJECTED
-        await conn.execute(
-            """UPDATE inventory i SET available = i.available - l.quantity,
-                                      updated_at = clock_timestamp()
-               FROM unnest($1::text[], $2::int[]) AS l(sku, quantity) WHERE i.sku = l.sku""",
-            skus,
-            quantities,
-        )
-        await conn.execute(
-            """INSERT INTO reservations (order_id, sku, quantity)
-               SELECT $1, * FROM unnest($2::text[], $3::int[])""",
-            order.id,
-            skus,
-            quantities,
-        )
-        await conn.execute(
-            """UPDATE orders
-               SET status = 'completed', reason = NULL, processed_by = $2,
-                   completed_at = clock_timestamp(), updated_at = clock_timestamp()
-               WHERE id = $1""",
-            order.id,
-            consumer,
-        )
-        return Outcome.COMPLETED
+    result = await pool.fetchval(
+        "SELECT reserve_order($1, $2, $3, $4)", order.id, skus, [wanted[s] for s in skus], consumer
+    )
+    return Outcome(result)
 
 
 async def mark_retrying(pool: asyncpg.Pool, order_id: UUID, error: str, delay_ms: int) -> None:

@@ -19,12 +19,13 @@ from shared.messages import Item, NewOrder, Sku
 router = APIRouter()
 
 
-def _pool(request: Request) -> asyncpg.Pool:
+# Async, or FastAPI would run them in a thread pool.
+async def _pool(request: Request) -> asyncpg.Pool:
     pool: asyncpg.Pool = request.app.state.pool
     return pool
 
 
-def _relay(request: Request) -> Relay:
+async def _relay(request: Request) -> Relay:
     relay: Relay = request.app.state.relay
     return relay
 

@@ -505,163 +505,83 @@ async def _rate(measured: Awaitable[float]) -> dict[str, float]:
 
 
 def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
-    m = lambda name, key="rate": _median(r[name], key)  # noqa: E731
-
-    def row(
-        figure: str,
-        ours: tuple[float, float, float],
-        unit: str,
-        base: str,
-        ratio: float | None,
-        target: str,
-        met: bool | None,
-    ) -> str:
-        shown = "" if ratio is None else f"{ratio:.0%}" if ratio < 10 else f"{ratio:.1f}x"
-        verdict = "" if smoke or met is None else ("yes" if met else "**no**")
-        return f"| {figure} | {_fmt(ours, unit)} | {base} | {shown} | {target} | {verdict} |"
-
     lines = [
         "| figure | measured: median (min–max) | baseline | ratio | target | met |",
         "|---|---|---|---|---|---|",
     ]
+
+    def m(name: str, key: str = "rate") -> tuple[float, float, float]:
+        return _median(r[name], key)
+
+    def add(
+        figure: str,
+        ours: tuple[float, float, float],
+        unit: str = "",
+        base: str = "",
+        ratio: float | None = None,
+        target: str = "",
+        met: bool | None = None,
+    ) -> None:
+        shown = "" if ratio is None else f"{ratio:.0%}" if ratio < 10 else f"{ratio:.1f}x"
+        verdict = "" if smoke or met is None else ("yes" if met else "**no**")
+        lines.append(f"| {figure} | {_fmt(ours, unit)} | {base} | {shown} | {target} | {verdict} |")
+
+    def against(figure: str, ours: str, base: str, label: str, need: float) -> None:
+        o, b = m(ours), m(base)
+        target = f"≥ {need:.0%} of {label}" if need < 1 else f"≥ {need}x"
+        add(figure, o, "", f"{_fmt(b)} {label}", o[0] / b[0], target, o[0] >= need * b[0])
+
     for c in (16, 64):
-        ours, base = m(f"submit{c}"), m(f"bare{c}")
-        lines.append(
-            row(
-                f"submit, c={c}: accepted orders/s",
-                ours,
-                "",
-                _fmt(base) + " (a)",
-                ours[0] / base[0],
-                "≥ 70% of (a)",
-                ours[0] >= 0.7 * base[0],
-            )
+        against(f"submit, c={c}: accepted orders/s", f"submit{c}", f"bare{c}", "(a)", 0.7)
+        add(
+            f"submit, c={c}: latency p50 / p99",
+            m(f"submit{c}", "p50_ms"),
+            " ms",
+            f"p99 {_fmt(m(f'submit{c}', 'p99_ms'), ' ms')}",
         )
-        lines.append(
-            row(
-                f"submit, c={c}: latency p50 / p99",
-                m(f"submit{c}", "p50_ms"),
-                " ms",
-                f"p99 {_fmt(m(f'submit{c}', 'p99_ms'), ' ms')}",
-                None,
-                "",
-                None,
-            )
-        )
-    pub = m("raw_publish")
-    for name, label in (
-        ("batch", "batch submit, 1,000 per request: orders/s"),
-        ("relay", "relay publish, committed → confirmed: orders/s"),
-    ):
-        ours = m(name)
-        lines.append(
-            row(
-                label,
-                ours,
-                "",
-                _fmt(pub) + " (b)",
-                ours[0] / pub[0],
-                "≥ 90% of (b)",
-                ours[0] >= 0.9 * pub[0],
-            )
-        )
-    con, one, two = m("raw_consume"), m("drain1"), m("drain2")
-    lines.append(
-        row(
-            "drain, 1 consumer: orders/s",
-            one,
-            "",
-            _fmt(con) + " (c)",
-            one[0] / con[0],
-            "≥ 70% of (c)",
-            one[0] >= 0.7 * con[0],
-        )
-    )
-    lines.append(
-        row(
-            "drain, 2 consumers: orders/s",
-            two,
-            "",
-            "drain, 1 consumer",
-            two[0] / one[0],
-            "≥ 1.3x",
-            two[0] >= 1.3 * one[0],
-        )
-    )
+    against("batch submit, 1,000 per request: orders/s", "batch", "raw_publish", "(b)", 0.9)
+    against("relay publish, committed → confirmed: orders/s", "relay", "raw_publish", "(b)", 0.9)
+    against("drain, 1 consumer: orders/s", "drain1", "raw_consume", "(c)", 0.7)
+    against("drain, 2 consumers: orders/s", "drain2", "drain1", "drain, 1 consumer", 1.3)
     for group in ("consumer", "broker", "database"):
-        lines.append(
-            row(
-                f"CPU during the 2-consumer drain: {group}",
-                m("drain2", f"cpu_{group}"),
-                "% of a core",
-                "",
-                None,
-                "",
-                None,
-            )
-        )
-    e2e = m("e2e")
-    lines.append(
-        row("end to end, HTTP → completed: orders/s sustained", e2e, "", "", None, "", None)
-    )
-    lines.append(
-        row(
-            f"end to end at half load ({_median(r['e2e'], 'half_rate')[0]:.0f}/s): p50",
-            m("e2e", "p50_ms"),
-            " ms",
-            "",
-            None,
-            "",
-            None,
-        )
-    )
+        add(f"CPU during the 2-consumer drain: {group}", m("drain2", f"cpu_{group}"), "% of a core")
+    add("end to end, HTTP → completed: orders/s sustained", m("e2e"))
+    half = _median(r["e2e"], "half_rate")[0]
+    add(f"end to end at half load ({half:.0f}/s): p50", m("e2e", "p50_ms"), " ms")
     p99 = m("e2e", "p99_ms")
-    lines.append(row("end to end at half load: p99", p99, " ms", "", None, "≤ 50 ms", p99[0] <= 50))
+    add("end to end at half load: p99", p99, " ms", target="≤ 50 ms", met=p99[0] <= 50)
     p9, p0 = m("priority", "p9_p99_ms"), m("priority", "p0_p99_ms")
-    lines.append(
-        row(
-            "priority 9 wait in a backlog: p50",
-            m("priority", "p9_p50_ms"),
-            " ms",
-            f"priority 0: {_fmt(m('priority', 'p0_p50_ms'), ' ms')}",
-            None,
-            "",
-            None,
-        )
+    add(
+        "priority 9 wait in a backlog: p50",
+        m("priority", "p9_p50_ms"),
+        " ms",
+        f"priority 0: {_fmt(m('priority', 'p0_p50_ms'), ' ms')}",
     )
-    lines.append(
-        row(
-            "priority 9 wait in a backlog: p99",
-            p9,
-            " ms",
-            f"priority 0: {_fmt(p0, ' ms')}",
-            p9[0] / p0[0],
-            "≤ 5% of priority 0",
-            p9[0] <= 0.05 * p0[0],
-        )
+    add(
+        "priority 9 wait in a backlog: p99",
+        p9,
+        " ms",
+        f"priority 0: {_fmt(p0, ' ms')}",
+        p9[0] / p0[0],
+        "≤ 5% of priority 0",
+        p9[0] <= 0.05 * p0[0],
     )
     big, small = m("drain1", "consumer_rss_mb"), m("drain1_small", "consumer_rss_mb")
-    lines.append(
-        row(
-            "consumer peak RSS, large backlog",
-            big,
-            " MB",
-            f"small backlog: {_fmt(small, ' MB')}",
-            big[0] / small[0],
-            "same (≤ 1.1x)",
-            big[0] <= 1.1 * small[0],
-        )
+    add(
+        "consumer peak RSS, large backlog",
+        big,
+        " MB",
+        f"small backlog: {_fmt(small, ' MB')}",
+        big[0] / small[0],
+        "same (≤ 1.1x)",
+        big[0] <= 1.1 * small[0],
     )
-    lines.append(
-        row(
-            "producer peak RSS under submit, c=64",
-            m("submit64", "producer_rss_mb"),
-            " MB",
-            f"c=16: {_fmt(m('submit16', 'producer_rss_mb'), ' MB')}",
-            None,
-            "bounded",
-            None,
-        )
+    add(
+        "producer peak RSS under submit, c=64",
+        m("submit64", "producer_rss_mb"),
+        " MB",
+        f"c=16: {_fmt(m('submit16', 'producer_rss_mb'), ' MB')}",
+        target="bounded",
     )
     return lines
 

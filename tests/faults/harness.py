@@ -274,20 +274,20 @@ async def broker_paused(stack: Stack, t: Timing) -> None:
         stack.broker.resume()
 
 
-async def memory_alarm(stack: Stack, t: Timing) -> None:
-    await stack.broker.ctl("set_vm_memory_high_watermark", "0")
+async def _alarm(stack: Stack, t: Timing, setting: str, raised: str, normal: str) -> None:
+    await stack.broker.ctl(setting, raised)
     try:
         await asyncio.sleep(t.outage)
     finally:
-        await stack.broker.ctl("set_vm_memory_high_watermark", "0.4")
+        await stack.broker.ctl(setting, normal)
+
+
+async def memory_alarm(stack: Stack, t: Timing) -> None:
+    await _alarm(stack, t, "set_vm_memory_high_watermark", "0", "0.4")
 
 
 async def disk_alarm(stack: Stack, t: Timing) -> None:
-    await stack.broker.ctl("set_disk_free_limit", "10000GB")
-    try:
-        await asyncio.sleep(t.outage)
-    finally:
-        await stack.broker.ctl("set_disk_free_limit", "50MB")
+    await _alarm(stack, t, "set_disk_free_limit", "10000GB", "50MB")
 
 
 async def postgres_killed(stack: Stack, t: Timing) -> None:

@@ -17,6 +17,7 @@ from producer.app import create_app
 from shared import db, topology
 from shared.settings import ConsumerSettings, ProducerSettings
 from tests.integration.processes import Producer, Service
+from tests.integration.proxy import Proxy
 
 TABLES = "reservations, outbox, orders, inventory"
 
@@ -141,6 +142,23 @@ async def start_worker(
         stop.set()
     for _, task in running:
         await asyncio.wait_for(task, 30)
+
+
+ProxyFactory = Callable[[str], Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def proxy_to() -> AsyncIterator[ProxyFactory]:
+    """Start a cuttable proxy in front of a service URL; closed after the test."""
+    started: list[Proxy] = []
+
+    async def start(url: str) -> Proxy:
+        started.append(await Proxy.to(url).start())
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        await proxy.close()
 
 
 @pytest.fixture

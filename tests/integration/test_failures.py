@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from shared import topology
 from tests.integration.conftest import (
     ApiFactory,
+    ProxyFactory,
     WorkerFactory,
     consuming,
     depth,
@@ -27,7 +28,6 @@ from tests.integration.conftest import (
     submit,
     wait_until,
 )
-from tests.integration.proxy import Proxy
 
 
 def order_body(order_id: str, sku: str = "PEN-1", quantity: int = 1) -> dict[str, Any]:
@@ -76,6 +76,7 @@ async def test_database_outage_orders_retry_and_all_complete_once(
     database_url: str,
     conn: asyncpg.Connection,
     channel: AbstractChannel,
+    proxy_to: ProxyFactory,
 ) -> None:
     await set_stock(api, **{"PEN-1": 100})
     passes = 0  # every retry re-enters through the orders exchange
@@ -87,20 +88,17 @@ async def test_database_outage_orders_retry_and_all_complete_once(
     tap = await channel.declare_queue(exclusive=True)
     await tap.bind(topology.ORDERS.name, topology.ORDER_ROUTING_KEY)
     await tap.consume(passed, no_ack=True)
-    proxy = await Proxy.to(database_url).start()
-    try:
-        await start_worker(
-            database_url=proxy.url(database_url), max_attempts=30, concurrency=4, prefetch=4
-        )
-        await wait_until(lambda: consuming(channel), 20, "the worker to consume")
-        await proxy.cut()
-        ids = [await submit(api, ("PEN-1", 2)) for _ in range(20)]
-        await asyncio.sleep(3)  # the worker fails and schedules retries all along
-        assert await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'completed'") == 0
-        await proxy.restore()
-        await settled(conn, ids, timeout=60)
-    finally:
-        await proxy.close()
+    proxy = await proxy_to(database_url)
+    await start_worker(
+        database_url=proxy.url(database_url), max_attempts=30, concurrency=4, prefetch=4
+    )
+    await wait_until(lambda: consuming(channel), 20, "the worker to consume")
+    await proxy.cut()
+    ids = [await submit(api, ("PEN-1", 2)) for _ in range(20)]
+    await asyncio.sleep(3)  # the worker fails and schedules retries all along
+    assert await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'completed'") == 0
+    await proxy.restore()
+    await settled(conn, ids, timeout=60)
     assert {(await status_of(api, i))["status"] for i in ids} == {"completed"}
     assert await conn.fetchval("SELECT count(*) FROM reservations") == 20
     assert (await api.get("/inventory/PEN-1")).json()["available"] == 100 - 40

@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractChannel
 from shared import topology
 from tests.integration.conftest import (
     ApiFactory,
+    ProxyFactory,
     WorkerFactory,
     depth,
     set_stock,
@@ -199,30 +200,26 @@ async def test_orders_are_accepted_while_the_broker_is_unreachable(
     start_worker: WorkerFactory,
     rabbitmq_url: str,
     conn: asyncpg.Connection,
+    proxy_to: ProxyFactory,
 ) -> None:
-    from tests.integration.proxy import Proxy
+    proxy = await proxy_to(rabbitmq_url)
+    api = await start_api(rabbitmq_url=proxy.url(rabbitmq_url), demo_catalogue=True)
+    await wait_until(lambda: _ready(api), 20, "the producer to be ready")
+    await proxy.cut()
+    await wait_until(lambda: _not_ready(api), 20, "/readyz to report the broker down")
 
-    proxy = await Proxy.to(rabbitmq_url).start()
-    try:
-        api = await start_api(rabbitmq_url=proxy.url(rabbitmq_url), demo_catalogue=True)
-        await wait_until(lambda: _ready(api), 20, "the producer to be ready")
-        await proxy.cut()
-        await wait_until(lambda: _not_ready(api), 20, "/readyz to report the broker down")
+    ids = [await submit(api, ("BOOK-1", 1)) for _ in range(20)]
+    assert {(await status_of(api, i))["status"] for i in ids} == {"accepted"}
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 20
 
-        ids = [await submit(api, ("BOOK-1", 1)) for _ in range(20)]
-        assert {(await status_of(api, i))["status"] for i in ids} == {"accepted"}
-        assert await conn.fetchval("SELECT count(*) FROM outbox") == 20
-
-        await start_worker()
-        await asyncio.sleep(1)
-        await proxy.restore()
-        await settled(conn, ids, timeout=60)
-        assert {(await status_of(api, i))["status"] for i in ids} == {"completed"}
-        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
-        assert (await api.get("/inventory/BOOK-1")).json()["available"] == 1_000 - 20
-        await wait_until(lambda: _ready(api), 20, "the producer to be ready again")
-    finally:
-        await proxy.close()
+    await start_worker()
+    await asyncio.sleep(1)
+    await proxy.restore()
+    await settled(conn, ids, timeout=60)
+    assert {(await status_of(api, i))["status"] for i in ids} == {"completed"}
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+    assert (await api.get("/inventory/BOOK-1")).json()["available"] == 1_000 - 20
+    await wait_until(lambda: _ready(api), 20, "the producer to be ready again")
 
 
 async def _ready(api: httpx.AsyncClient) -> bool:
@@ -273,43 +270,39 @@ async def test_backpressure_answers_503_with_retry_after_then_recovers(
     start_worker: WorkerFactory,
     rabbitmq_url: str,
     conn: asyncpg.Connection,
+    proxy_to: ProxyFactory,
 ) -> None:
-    from tests.integration.proxy import Proxy
+    proxy = await proxy_to(rabbitmq_url)
+    api = await start_api(
+        rabbitmq_url=proxy.url(rabbitmq_url),
+        demo_catalogue=True,
+        max_outbox=5,
+        relay_interval=0.1,
+    )
+    await wait_until(lambda: _ready(api), 20, "the producer to be ready")
+    await proxy.cut()
+    ids = [await submit(api, ("BOOK-1", 1)) for _ in range(5)]
 
-    proxy = await Proxy.to(rabbitmq_url).start()
-    try:
-        api = await start_api(
-            rabbitmq_url=proxy.url(rabbitmq_url),
-            demo_catalogue=True,
-            max_outbox=5,
-            relay_interval=0.1,
+    async def refused() -> httpx.Response | None:
+        response = await api.post(
+            "/orders", json={"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
         )
-        await wait_until(lambda: _ready(api), 20, "the producer to be ready")
-        await proxy.cut()
-        ids = [await submit(api, ("BOOK-1", 1)) for _ in range(5)]
+        if response.status_code == 202:
+            ids.append(response.json()["id"])
+            return None
+        return response
 
-        async def refused() -> httpx.Response | None:
-            response = await api.post(
-                "/orders", json={"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
-            )
-            if response.status_code == 202:
-                ids.append(response.json()["id"])
-                return None
-            return response
+    response = await wait_until(refused, 10, "backpressure")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["type"] == "/problems/backpressure"
+    stored = await conn.fetchval("SELECT count(*) FROM orders")
+    assert stored == len(ids)  # the refused order wrote nothing
 
-        response = await wait_until(refused, 10, "backpressure")
-        assert response.status_code == 503
-        assert response.headers["retry-after"] == "2"
-        assert response.json()["type"] == "/problems/backpressure"
-        stored = await conn.fetchval("SELECT count(*) FROM orders")
-        assert stored == len(ids)  # the refused order wrote nothing
-
-        await start_worker()
-        await proxy.restore()
-        await settled(conn, ids, timeout=60)
-        await wait_until(lambda: _accepting(api), 20, "backpressure to lift")
-    finally:
-        await proxy.close()
+    await start_worker()
+    await proxy.restore()
+    await settled(conn, ids, timeout=60)
+    await wait_until(lambda: _accepting(api), 20, "backpressure to lift")
 
 
 async def _accepting(api: httpx.AsyncClient) -> bool:

@@ -131,12 +131,13 @@ def _digest(order: NewOrder) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-KEY_REUSED = Problem(
-    422,
-    "Idempotency-Key reused",
-    "This Idempotency-Key was already used with a different request body.",
-    "/problems/idempotency-key-reused",
-)
+def _key_reused() -> Problem:
+    return Problem(
+        422,
+        "Idempotency-Key reused",
+        "This Idempotency-Key was already used with a different request body.",
+        "/problems/idempotency-key-reused",
+    )
 
 
 def _view(row: asyncpg.Record) -> OrderView:
@@ -177,7 +178,7 @@ async def submit_order(
         )
         assert row is not None
         if row["request_hash"] != digest:
-            raise KEY_REUSED
+            raise _key_reused()
     else:
         relay.wake()
     response.headers["Location"] = f"/orders/{row['id']}"
@@ -246,7 +247,7 @@ async def submit_batch(batch: Batch, pool: PoolDep, relay: RelayDep) -> BatchVie
                 continue
             row = earlier[order.idempotency_key]
             if row["request_hash"] != digest:
-                raise KEY_REUSED  # rolls the whole batch back
+                raise _key_reused()  # rolls the whole batch back
             items.append(
                 BatchItem(
                     id=row["id"],

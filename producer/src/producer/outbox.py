@@ -68,11 +68,14 @@ class Relay:
         while not self._stopping.is_set():
             try:
                 self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
-                if self._queue is not None and self.connected:
-                    declared = await self._queue.declare()
-                    self.queue_depth = declared.message_count
-            except Exception as exc:
-                log.debug("backlog gauge: %r", exc)
+            except Exception as exc:  # the database is down: POST answers 503 anyway
+                log.debug("outbox gauge: %r", exc)
+            try:
+                declared = await self._queue.declare() if self._queue and self.connected else None
+                self.queue_depth = declared.message_count if declared else None
+            except Exception as exc:  # an unknown depth must not hold orders back
+                self.queue_depth = None
+                log.debug("queue gauge: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
 

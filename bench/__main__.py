@@ -83,6 +83,7 @@ class Bench:
             "DATABASE_URL": self.database_url,
             "LOG_LEVEL": "WARNING",
             "ORDER_WORK_MS": "0",
+            "METRICS_PORT": "0",
             **self.consumer_env,
             **extra,
         }

@@ -18,7 +18,9 @@ DEFAULTS = {
     "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/",
     "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/orders",
     "DEMO_CATALOGUE": "true",
+    "LOG_FORMAT": "text",
 }
+METRICS_PORT = 9100  # consumer i serves its metrics on METRICS_PORT + i
 GRACE = 30.0  # seconds before a process that ignores SIGTERM is killed
 
 
@@ -62,7 +64,8 @@ async def main() -> int:
     named = {"producer": await start("producer", "producer", env)}
     for i in range(1, consumers + 1):
         name = f"consumer-{i}"
-        named[name] = await start(name, "consumer", {**env, "CONSUMER_NAME": name})
+        metrics = {"CONSUMER_NAME": name, "METRICS_PORT": str(METRICS_PORT + i)}
+        named[name] = await start(name, "consumer", {**env, **metrics})
     relays = [asyncio.create_task(relay(n, p.stdout)) for n, p in named.items() if p.stdout]
 
     stop = asyncio.Event()

@@ -145,6 +145,7 @@ class Stack:
             "RELAY_INTERVAL": "0.5",
             "STARTUP_TIMEOUT": "120",
             "SHUTDOWN_GRACE": "10",
+            "METRICS_PORT": "0",
         }
 
     async def start(self) -> None:

@@ -86,6 +86,7 @@ def consumer_settings(rabbitmq_url: str, database_url: str) -> Callable[..., Con
             "rabbitmq_url": rabbitmq_url,
             "database_url": database_url,
             "order_work_ms": 0,
+            "metrics_port": 0,
             "retry_base_ms": 100,
             "retry_cap_ms": 1_000,
         }
@@ -167,7 +168,12 @@ def spawn(clean: None, rabbitmq_url: str, database_url: str) -> Iterator[Callabl
     started: list[Service] = []
 
     def start(module: str, name: str, **env: str) -> Service:
-        env = {"RABBITMQ_URL": rabbitmq_url, "DATABASE_URL": database_url, **env}
+        env = {
+            "RABBITMQ_URL": rabbitmq_url,
+            "DATABASE_URL": database_url,
+            "METRICS_PORT": "0",
+            **env,
+        }
         service = Producer(name, env) if module == "producer" else Service(module, name, env)
         started.append(service)
         return service

@@ -2,7 +2,6 @@
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -10,6 +9,7 @@ import uvloop
 
 from consumer import dlq
 from consumer.worker import serve
+from shared import logs
 from shared.settings import ConsumerSettings
 
 
@@ -81,9 +81,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     settings = ConsumerSettings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "dlq":
         sys.exit(uvloop.run(_dlq(settings, args)))
     uvloop.run(_work(settings))

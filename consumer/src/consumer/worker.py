@@ -16,12 +16,15 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIServer
 
 import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from prometheus_client import start_http_server
 
 from consumer import orders
-from shared import amqp, db, messages, topology
+from consumer.metrics import Metrics
+from shared import amqp, db, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError
 from shared.settings import ConsumerSettings
 
@@ -39,8 +42,8 @@ def retry_delay_ms(
 class Worker:
     """Consumes ``orders.work`` with manual acks, ``concurrency`` orders at a time."""
 
-    def __init__(self, settings: ConsumerSettings, pool: asyncpg.Pool) -> None:
-        self.settings, self.pool = settings, pool
+    def __init__(self, settings: ConsumerSettings, pool: asyncpg.Pool, metrics: Metrics) -> None:
+        self.settings, self.pool, self.metrics = settings, pool, metrics
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -107,12 +110,16 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        logs.order_id.set(message.message_id)  # this task's log lines name the order
         try:
             async with self._slots:
                 if self._stopping:
                     await message.nack(requeue=True)
                     return
-                await self.handle(message)
+                if message.redelivered:
+                    self.metrics.redeliveries.inc()
+                with self.metrics.in_flight.track_inprogress():
+                    await self.handle(message)
         except Exception:
             log.exception(
                 "could not settle message %s; the broker will redeliver it", message.message_id
@@ -126,20 +133,22 @@ class Worker:
         try:
             order = messages.decode(message)
         except InvalidMessage as exc:
-            await self._dead_letter(message, exc, attempt)
+            await self._dead_letter(message, exc, attempt, "poison")
             return
         try:
-            async with asyncio.timeout(self.settings.order_timeout):
-                outcome = await orders.process(self.pool, order, attempt, self.settings)
+            with self.metrics.processing_seconds.time():
+                async with asyncio.timeout(self.settings.order_timeout):
+                    outcome = await orders.process(self.pool, order, attempt, self.settings)
         except PermanentError as exc:
-            await self._dead_letter(message, exc, attempt)
+            await self._dead_letter(message, exc, attempt, "permanent")
         except Exception as exc:
             if attempt >= self.settings.max_attempts:
-                await self._dead_letter(message, exc, attempt)
+                await self._dead_letter(message, exc, attempt, "exhausted")
             else:
                 await self._retry_later(message, exc, attempt)
         else:
             await message.ack()
+            self.metrics.processed.labels(outcome).inc()
             log.info("order %s %s (attempt %d)", order.id, outcome, attempt)
 
     async def _retry_later(
@@ -159,11 +168,12 @@ class Worker:
         if order_id is not None:
             await self._best_effort(orders.mark_retrying(self.pool, order_id, error, delay))
         headers = {messages.ATTEMPT: attempt + 1, **_failure_headers(message, exc)}
+        self.metrics.retries.inc()
         assert self._retry is not None
         await self._move(message, self._retry, headers, topology.delay_name(delay))
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, exc: Exception, attempt: int
+        self, message: AbstractIncomingMessage, exc: Exception, attempt: int, reason: str
     ) -> None:
         error = _describe(exc)
         log.error(
@@ -173,6 +183,7 @@ class Worker:
         if order_id is not None:
             await self._best_effort(orders.mark_failed(self.pool, order_id, error))
         headers = {messages.ATTEMPT: attempt, **_failure_headers(message, exc)}
+        self.metrics.dead_lettered.labels(reason).inc()
         assert self._dead is not None
         await self._move(message, self._dead, headers, "")
 
@@ -227,9 +238,26 @@ def _failure_headers(message: AbstractIncomingMessage, exc: Exception) -> dict[s
 
 async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
     """Open the pool, migrate, and run one worker until ``stop``."""
+    metrics = Metrics.create()
+    server = _serve_metrics(metrics, settings.metrics_port)
     pool = await db.create_pool(settings.database_url, settings.concurrency + 2)
     try:
         await db.migrate(pool, settings.startup_timeout)
-        await Worker(settings, pool).run(stop)
+        await Worker(settings, pool, metrics).run(stop)
     finally:
         await pool.close()
+        if server is not None:
+            server.shutdown()
+
+
+def _serve_metrics(metrics: Metrics, port: int) -> WSGIServer | None:
+    """Prometheus /metrics on ``port`` in a thread; a taken port costs the metrics, not the work."""
+    if not port:
+        return None
+    try:
+        server, _ = start_http_server(port, registry=metrics.registry)
+    except OSError as exc:
+        log.error("metrics not served: port %d: %s", port, exc)
+        return None
+    log.info("metrics on :%d/metrics", port)
+    return server

@@ -158,6 +158,7 @@ def _view(row: asyncpg.Record) -> OrderView:
 )
 async def submit_order(
     order: NewOrder,
+    request: Request,
     response: Response,
     pool: PoolDep,
     relay: RelayDep,
@@ -181,6 +182,7 @@ async def submit_order(
             raise _key_reused()
     else:
         relay.wake()
+        request.app.state.metrics.accepted.labels("single").inc()
     response.headers["Location"] = f"/orders/{row['id']}"
     return _view(row)
 
@@ -191,7 +193,7 @@ async def submit_order(
     response_model=BatchView,
     responses={422: {"description": "an invalid order, a key twice, or a key reused"}, 503: {}},
 )
-async def submit_batch(batch: Batch, pool: PoolDep, relay: RelayDep) -> BatchView:
+async def submit_batch(batch: Batch, request: Request, pool: PoolDep, relay: RelayDep) -> BatchView:
     """Accept up to 1,000 orders in one transaction: all are stored, or none."""
     _refuse_when_overloaded(relay)
     keys = [o.idempotency_key for o in batch.orders if o.idempotency_key]
@@ -259,6 +261,7 @@ async def submit_batch(batch: Batch, pool: PoolDep, relay: RelayDep) -> BatchVie
             )
     if created:
         relay.wake()
+        request.app.state.metrics.accepted.labels("batch").inc(len(created))
     return BatchView(orders=items)
 
 

@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from fastapi import FastAPI
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from producer import api, problems
+from producer.metrics import Metrics
 from producer.outbox import Relay
 from shared import db
 from shared.settings import ProducerSettings
@@ -28,6 +30,8 @@ async def seed_demo_catalogue(pool: asyncpg.Pool) -> None:
 
 
 def create_app(settings: ProducerSettings) -> FastAPI:
+    metrics = Metrics.create()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await db.create_pool(settings.database_url, settings.db_pool_size)
@@ -35,7 +39,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
             await db.migrate(pool, settings.startup_timeout)
             if settings.demo_catalogue:
                 await seed_demo_catalogue(pool)
-            relay = Relay(pool, settings)
+            relay = Relay(pool, settings, metrics)
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             app.state.pool, app.state.relay = pool, relay
             try:
@@ -55,6 +59,10 @@ def create_app(settings: ProducerSettings) -> FastAPI:
         summary="Durable, prioritised order processing over RabbitMQ",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     problems.install(app, settings.max_body_bytes)
     app.include_router(api.router)
+    Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(
+        app
+    ).expose(app, include_in_schema=False)
     return app

@@ -10,10 +10,12 @@ once, and the consumer makes a duplicate harmless.
 import asyncio
 import contextlib
 import logging
+import time
 
 import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
+from producer.metrics import Metrics
 from shared import amqp, topology
 from shared.messages import OrderMessage, encode
 from shared.settings import ProducerSettings
@@ -32,8 +34,10 @@ CLAIM = """
 class Relay:
     """Moves orders from the outbox to the ``orders`` exchange; ``connected`` feeds ``/readyz``."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings) -> None:
-        self._pool, self._settings = pool, settings
+    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
+        self._pool, self._settings, self._metrics = pool, settings, metrics
+        metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
+        metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._queue: AbstractQueue | None = None
@@ -100,6 +104,7 @@ class Relay:
             rows = await conn.fetch(CLAIM, self._settings.relay_batch)
             if not rows:
                 return 0
+            started = time.perf_counter()
             results = await asyncio.gather(
                 *(
                     amqp.publish(
@@ -112,6 +117,7 @@ class Relay:
                 ),
                 return_exceptions=True,
             )
+            self._metrics.confirm_seconds.observe(time.perf_counter() - started)
             confirmed = [row["id"] for row, r in zip(rows, results, strict=True) if r is None]
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             await conn.execute("DELETE FROM outbox WHERE order_id = ANY($1::uuid[])", confirmed)

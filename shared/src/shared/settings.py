@@ -2,6 +2,7 @@
 
 import os
 import socket
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,7 @@ class Settings(BaseSettings):
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/orders"
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     startup_timeout: float = Field(60.0, gt=0, description="seconds to wait for the database")
     publish_timeout: float = Field(10.0, gt=0, description="seconds to wait for a confirm")
 
@@ -47,6 +49,7 @@ class ConsumerSettings(Settings):
     payment_failure_rate: float = Field(0.0, ge=0, le=1)
     payment_failures_per_order: int = Field(0, ge=0)
     shutdown_grace: float = Field(25.0, gt=0, description="seconds to finish in-flight work")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics; 0: off")
     consumer_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="recorded on each order it settles, and shown to RabbitMQ",

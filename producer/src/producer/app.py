@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from producer import api, problems
+from producer import api, dashboard, problems
 from producer.metrics import Metrics
 from producer.outbox import Relay
 from shared import db
@@ -62,6 +62,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     app.state.metrics = metrics
     problems.install(app, settings.max_body_bytes)
     app.include_router(api.router)
+    app.include_router(dashboard.router)
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(
         app
     ).expose(app, include_in_schema=False)

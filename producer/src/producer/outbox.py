@@ -36,14 +36,19 @@ class Relay:
 
     def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
         self._pool, self._settings, self._metrics = pool, settings, metrics
-        metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
-        metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._queue: AbstractQueue | None = None
+        self._queues: list[AbstractQueue] = []
         self.connected = False
         self.outbox_depth = 0
-        self.queue_depth: int | None = None  # unknown while disconnected
+        self.depths: dict[str, int] = {}  # messages ready per queue; empty while disconnected
+        metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
+        metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
+
+    @property
+    def queue_depth(self) -> int | None:
+        """Messages ready in the work queue, or None when unknown."""
+        return self.depths.get(topology.WORK.name)
 
     @property
     def overloaded(self) -> bool:
@@ -75,10 +80,12 @@ class Relay:
             except Exception as exc:  # the database is down: POST answers 503 anyway
                 log.debug("outbox gauge: %r", exc)
             try:
-                declared = await self._queue.declare() if self._queue and self.connected else None
-                self.queue_depth = declared.message_count if declared else None
+                self.depths = {
+                    q.name: (await q.declare()).message_count or 0
+                    for q in (self._queues if self.connected else [])
+                }
             except Exception as exc:  # an unknown depth must not hold orders back
-                self.queue_depth = None
+                self.depths = {}
                 log.debug("queue gauge: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
@@ -92,7 +99,7 @@ class Relay:
             except Exception as exc:
                 log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
             finally:
-                self.connected, self._queue, self.queue_depth = False, None, None
+                self.connected, self._queues, self.depths = False, [], {}
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
@@ -132,7 +139,9 @@ class Relay:
                 await topology.declare(channel)
                 exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
                 gauge_channel = await connection.channel(publisher_confirms=False)
-                self._queue = await gauge_channel.get_queue(topology.WORK.name, ensure=False)
+                self._queues = [
+                    await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
+                ]
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))

@@ -115,6 +115,11 @@ MIGRATIONS: tuple[str, ...] = (
     END
     $$
     """,
+    # For the dashboard: recent completions and the latest failures without a scan.
+    """
+    CREATE INDEX orders_completed_at ON orders (completed_at) WHERE completed_at IS NOT NULL;
+    CREATE INDEX orders_failures ON orders (updated_at) WHERE status IN ('rejected', 'failed');
+    """,
 )
 
 _MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service

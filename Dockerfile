@@ -13,11 +13,13 @@ COPY pyproject.toml uv.lock ./
 COPY shared/pyproject.toml shared/
 COPY producer/pyproject.toml producer/
 COPY consumer/pyproject.toml consumer/
+COPY cli/pyproject.toml cli/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace --package "${SERVICE}"
 COPY shared shared
 COPY producer producer
 COPY consumer consumer
+COPY cli cli
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package "${SERVICE}"
 

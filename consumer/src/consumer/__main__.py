@@ -21,40 +21,6 @@ async def _work(settings: ConsumerSettings) -> None:
     await serve(settings, stop)
 
 
-async def _dlq(settings: ConsumerSettings, args: argparse.Namespace) -> int:
-    if args.action == "list":
-        rows = await dlq.list_dead(settings, args.limit)
-        for row in rows:
-            dlq.print_json(row)
-        print(f"{len(rows)} dead-lettered message(s)", file=sys.stderr)
-    elif args.action == "show":
-        found = await dlq.show_dead(settings, args.message_id, args.limit)
-        if found is None:
-            print(f"no dead letter with message id {args.message_id}", file=sys.stderr)
-            return 1
-        dlq.print_json(found)
-    elif args.action == "replay":
-        if not args.all and not args.message_ids:
-            print("name message ids to replay, or pass --all", file=sys.stderr)
-            return 2
-        wanted = set(args.message_ids)
-        done = await dlq.replay(
-            settings, lambda d: args.all or d.message.message_id in wanted, args.limit
-        )
-        for message_id in done:
-            print(message_id)
-        print(f"replayed {len(done)} message(s)", file=sys.stderr)
-        if not args.all and len(done) < len(wanted):
-            print(f"not found: {', '.join(sorted(wanted - set(done)))}", file=sys.stderr)
-            return 1
-    elif args.action == "purge":
-        if not args.yes:
-            print("purge drops every dead letter for good; pass --yes to confirm", file=sys.stderr)
-            return 2
-        print(f"purged {await dlq.purge(settings)} message(s)", file=sys.stderr)
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     sub = root.add_subparsers(dest="command")
@@ -83,7 +49,19 @@ def main() -> None:
     settings = ConsumerSettings()
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "dlq":
-        sys.exit(uvloop.run(_dlq(settings, args)))
+        sys.exit(
+            uvloop.run(
+                dlq.command(
+                    settings,
+                    args.action,
+                    message_id=getattr(args, "message_id", None),
+                    message_ids=getattr(args, "message_ids", []),
+                    every=getattr(args, "all", False),
+                    yes=getattr(args, "yes", False),
+                    limit=args.limit,
+                )
+            )
+        )
     uvloop.run(_work(settings))
 
 

@@ -6,7 +6,7 @@ then the ack of the dead letter.
 """
 
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +133,52 @@ async def purge(settings: ConsumerSettings) -> int:
         queue = await channel.get_queue(topology.DEAD_LETTERS.name, ensure=False)
         result = await queue.purge()
         return int(result.message_count or 0)
+
+
+async def command(
+    settings: ConsumerSettings,
+    action: str,
+    *,
+    message_id: str | None = None,
+    message_ids: Sequence[str] = (),
+    every: bool = False,
+    yes: bool = False,
+    limit: int = 10_000,
+) -> int:
+    """One operator command (list, show, replay, purge): prints its result, returns the exit code.
+
+    Shared by ``python -m consumer dlq`` and ``orders dlq``. Results go to stdout (JSON lines or
+    message ids), counts and errors to stderr.
+    """
+    if action == "list":
+        rows = await list_dead(settings, limit)
+        for row in rows:
+            print_json(row)
+        print(f"{len(rows)} dead-lettered message(s)", file=sys.stderr)
+    elif action == "show":
+        found = await show_dead(settings, message_id or "", limit)
+        if found is None:
+            print(f"no dead letter with message id {message_id}", file=sys.stderr)
+            return 1
+        print_json(found)
+    elif action == "replay":
+        if not every and not message_ids:
+            print("name message ids to replay, or pass --all", file=sys.stderr)
+            return 2
+        wanted = set(message_ids)
+        done = await replay(settings, lambda d: every or d.message.message_id in wanted, limit)
+        for replayed in done:
+            print(replayed)
+        print(f"replayed {len(done)} message(s)", file=sys.stderr)
+        if not every and len(done) < len(wanted):
+            print(f"not found: {', '.join(sorted(wanted - set(done)))}", file=sys.stderr)
+            return 1
+    elif action == "purge":
+        if not yes:
+            print("purge drops every dead letter for good; pass --yes to confirm", file=sys.stderr)
+            return 2
+        print(f"purged {await purge(settings)} message(s)", file=sys.stderr)
+    return 0
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,1 @@
+"""``orders``: one command to submit orders, watch them, drive load and operate the queues."""

@@ -58,3 +58,21 @@ def test_compose_follows_the_conventions_scaling_relies_on() -> None:
     assert "healthcheck" in services["rabbitmq"]
     assert "healthcheck" in services["postgres"]
     assert set(compose["volumes"]) == {"rabbitmq-data", "postgres-data"}
+
+
+def test_metrics_are_scraped_from_every_service_in_the_observability_profile() -> None:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["prometheus"]["profiles"] == ["observability"]
+    assert "ports" not in services["consumer"]  # scraped inside the network only
+    plugins = (ROOT / "deploy/rabbitmq/enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert jobs["producer"]["static_configs"][0]["targets"] == ["producer:8000"]
+    assert jobs["consumer"]["dns_sd_configs"][0] == {
+        "names": ["consumer"],
+        "type": "A",
+        "port": 9100,
+    }
+    assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 import asyncpg
 import orjson
@@ -47,6 +48,18 @@ async def test_submit_status_load_and_queues(
     await settled(conn, [order["id"]])
     shown = await asyncio.to_thread(orders, "status", order["id"], *url)
     assert orjson.loads(shown.stdout)["status"] == "completed"
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".json") as file:
+        file.write(orjson.dumps({"customer_id": "f", "items": [{"sku": "PEN-1", "quantity": 3}]}))
+        file.flush()
+        from_file = await asyncio.to_thread(
+            orders, "submit", *url, "--file", file.name, "--key", "cli-file-1"
+        )
+        again = await asyncio.to_thread(
+            orders, "submit", *url, "--file", file.name, "--key", "cli-file-1"
+        )
+    assert from_file.returncode == 0, from_file.stderr
+    assert orjson.loads(from_file.stdout)["id"] == orjson.loads(again.stdout)["id"]
 
     loaded = await asyncio.to_thread(
         orders,

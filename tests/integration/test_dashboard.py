@@ -8,7 +8,6 @@ import asyncpg
 import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
-from selenium.webdriver.common.by import By
 
 from tests.integration.conftest import settled, wait_until
 from tests.integration.processes import ARTIFACTS
@@ -46,24 +45,24 @@ async def test_dashboard_counts_update_while_orders_flow(spawn, conn: asyncpg.Co
     try:
         await asyncio.to_thread(chrome.get, f"{producer.base_url}/dashboard")
 
-        async def completed() -> str | None:
-            found = await asyncio.to_thread(chrome.find_elements, By.ID, "count-completed")
-            return found[0].text if found and found[0].text else None
+        async def text(element_id: str) -> str | None:
+            """One atomic read: the page re-renders every two seconds."""
+            script = "return document.getElementById(arguments[0])?.textContent || null"
+            found: str | None = await asyncio.to_thread(chrome.execute_script, script, element_id)
+            return found
 
-        assert await wait_until(completed, 20, "the dashboard to render") == "0"
+        assert await wait_until(lambda: text("count-completed"), 20, "the page to render") == "0"
         async with httpx.AsyncClient(base_url=producer.base_url) as client:
             body = {"customer_id": "dash", "items": [{"sku": "TSHIRT-M", "quantity": 150}]}
             ids = [(await client.post("/orders", json=body)).json()["id"] for _ in range(12)]
         await settled(conn, ids)
 
-        async def shows(n: str) -> bool:
-            return await completed() == n
+        async def shows(element_id: str, n: str) -> bool:
+            return await text(element_id) == n
 
-        await wait_until(lambda: shows("1"), 20, "the completed count to reach 1")
-        rejected = await asyncio.to_thread(chrome.find_element, By.ID, "count-rejected")
-        assert rejected.text == "11"  # 200 in stock: one order of 150 fits
-        failures = await asyncio.to_thread(chrome.find_element, By.ID, "failures")
-        assert "insufficient stock: TSHIRT-M" in failures.text
+        await wait_until(lambda: shows("count-completed", "1"), 20, "1 completed on the page")
+        await wait_until(lambda: shows("count-rejected", "11"), 20, "11 rejected on the page")
+        assert "insufficient stock: TSHIRT-M" in (await text("failures") or "")
         ARTIFACTS.mkdir(exist_ok=True)
         await asyncio.to_thread(chrome.save_screenshot, str(ARTIFACTS / "dashboard.png"))
         assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractQueue
@@ -145,28 +146,37 @@ class Relay:
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
+            interval, failures = self._settings.relay_interval, 0
             try:
                 while not self._stopping.is_set():
                     if lost.done():
                         raise ConnectionError("broker connection lost")
                     self._wake.clear()
                     try:
-                        if await self.publish_pending(exchange) == self._settings.relay_batch:
-                            continue
+                        published = await self.publish_pending(exchange)
                     except Exception as exc:
                         if lost.done():
                             raise
-                        log.warning("outbox relay: round failed (%r); trying again", exc)
-                    await self._sleep(self._settings.relay_interval, lost)
+                        failures += 1
+                        backoff = min(interval * 2**failures, 10.0)
+                        log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)
+                        # New orders do not cut this short: the rows in doubt would only be
+                        # published again, piling up copies while the broker is blocked.
+                        await self._sleep(backoff, lost, self._stopping)
+                        continue
+                    failures = 0
+                    if published < self._settings.relay_batch:
+                        await self._sleep(interval, lost, self._wake)
             finally:
                 lost.cancel()
 
-    async def _sleep(self, seconds: float, lost: "asyncio.Future[None] | None" = None) -> None:
-        """Sleep until woken, stopped, the connection is lost, or ``seconds`` pass."""
-        waits = [asyncio.ensure_future(self._wake.wait())]
-        if lost is not None:
-            waits.append(lost)  # type: ignore[arg-type]
+    async def _sleep(
+        self, seconds: float, lost: "asyncio.Future[None]", until: asyncio.Event
+    ) -> None:
+        """Sleep ``seconds``, or until ``until`` is set or the connection is lost."""
+        waiter = asyncio.ensure_future(until.wait())
+        waits: list[asyncio.Future[Any]] = [waiter, lost]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            waits[0].cancel()
+            waiter.cancel()

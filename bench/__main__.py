@@ -507,6 +507,12 @@ async def _rate(measured: Awaitable[float]) -> dict[str, float]:
     return {"rate": await measured}
 
 
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return ""
+    return f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.1%}" if ratio < 0.1 else f"{ratio:.0%}"
+
+
 def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
     lines = [
         "| figure | measured: median (min–max) | baseline | ratio | target | met |",
@@ -525,7 +531,7 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
         target: str = "",
         met: bool | None = None,
     ) -> None:
-        shown = "" if ratio is None else f"{ratio:.0%}" if ratio < 10 else f"{ratio:.1f}x"
+        shown = _ratio(ratio)
         verdict = "" if smoke or met is None else ("yes" if met else "**no**")
         lines.append(f"| {figure} | {_fmt(ours, unit)} | {base} | {shown} | {target} | {verdict} |")
 

@@ -121,9 +121,10 @@ class Worker:
                 with self.metrics.in_flight.track_inprogress():
                     await self.handle(message)
         except Exception:
-            log.exception(
-                "could not settle message %s; the broker will redeliver it", message.message_id
-            )
+            log.exception("could not settle message %s; requeueing it", message.message_id)
+            if not message.processed:  # never leave a delivery unacked on a live channel
+                with contextlib.suppress(Exception):  # a closed channel requeues it anyway
+                    await message.nack(requeue=True)
         finally:
             self._tasks.discard(task)
 

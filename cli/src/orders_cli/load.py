@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-FINAL = {"completed", "rejected", "failed"}
+from shared.db import FINAL
 
 
 @dataclass

@@ -58,6 +58,30 @@ def test_decode_round_trips() -> None:
 
 
 @pytest.mark.parametrize(
+    ("frontier", "depth", "priority"),
+    [("priority", 0, 9), ("priority", 3, 6), ("priority", 12, 0), ("fifo", 0, 0), ("lifo", 2, 0)],
+)
+def test_crawl_task_round_trips_with_priority_from_depth(
+    frontier: str, depth: int, priority: int
+) -> None:
+    task = messages.CrawlTask(
+        crawl_id=uuid.uuid4(),
+        page_id=uuid.uuid4(),
+        url="http://example.com/a",
+        depth=depth,
+        frontier=messages.Frontier(frontier),
+    )
+    message = messages.encode_task(task)
+    assert message.type == "crawl.task"
+    assert message.message_id == str(task.page_id)
+    assert message.priority == priority
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert messages.decode_task(delivery(message)) == task
+    with pytest.raises(InvalidMessage, match=r"unknown message type 'crawl\.task'"):
+        messages.decode(delivery(message))
+
+
+@pytest.mark.parametrize(
     ("incoming", "reason"),
     [
         (raw(b"not json"), "body is not JSON"),
@@ -110,12 +134,23 @@ def test_topology_binds_every_queue_and_uses_classic_priority_queue() -> None:
     assert all(q.arguments["x-queue-type"] == "classic" for q in topology.QUEUES)
 
 
-def test_each_retry_queue_dead_letters_back_to_work() -> None:
-    for delay, queue in zip(topology.RETRY_DELAYS_MS, topology.RETRY_QUEUES, strict=True):
+@pytest.mark.parametrize(
+    ("lane", "exchange", "routing_key"),
+    [
+        (topology.ORDER_LANE, "orders", "order.created"),
+        (topology.CRAWL_LANE, "crawls", "crawl.task"),
+    ],
+)
+def test_each_retry_queue_dead_letters_back_to_its_lane(
+    lane: topology.Lane, exchange: str, routing_key: str
+) -> None:
+    assert lane.work.name == f"{exchange}.work"
+    assert lane.work.arguments["x-dead-letter-exchange"] == f"{exchange}.dead"
+    for delay, queue in zip(topology.RETRY_DELAYS_MS, lane.retry_queues, strict=True):
         assert queue.arguments["x-message-ttl"] == delay
-        assert queue.arguments["x-dead-letter-exchange"] == "orders"
-        assert queue.arguments["x-dead-letter-routing-key"] == "order.created"
-        assert queue.name == f"orders.retry.{topology.delay_name(delay)}"
+        assert queue.arguments["x-dead-letter-exchange"] == exchange
+        assert queue.arguments["x-dead-letter-routing-key"] == routing_key
+        assert queue.name == f"{exchange}.retry.{topology.delay_name(delay)}"
 
 
 @pytest.mark.parametrize(

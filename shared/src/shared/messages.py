@@ -3,12 +3,14 @@
 Any AMQP client can publish an order: exchange ``orders``, routing key ``order.created``,
 ``type=order.created``, ``content_type=application/json``, ``delivery_mode=2``,
 ``message_id`` = the order id, ``priority`` = the order priority, and a JSON body
-matching ``OrderMessage``.
+matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, body
+``CrawlTask``) travel the same way; only the crawler's outbox relay publishes them.
 """
 
 import unicodedata
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import orjson
@@ -26,6 +28,7 @@ from pydantic import (
 from shared.errors import InvalidMessage
 
 MESSAGE_TYPE = "order.created"
+CRAWL_MESSAGE_TYPE = "crawl.task"
 CONTENT_TYPE = "application/json"
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PRIORITY = 9
@@ -80,22 +83,71 @@ class OrderMessage(NewOrder):
     id: Annotated[UUID, Field(strict=False)]
 
 
+class Frontier(StrEnum):
+    """The order in which a crawl visits the pages it finds (docs/crawler.md)."""
+
+    FIFO = "fifo"  # breadth-first
+    LIFO = "lifo"  # depth-first within each consumer's prefetch window
+    PRIORITY = "priority"  # shallow pages first, by AMQP priority
+
+
+class CrawlTask(_Strict):
+    """The body of a ``crawl.task`` message: fetch one page of a crawl."""
+
+    version: Literal[1] = SCHEMA_VERSION
+    crawl_id: Annotated[UUID, Field(strict=False)]
+    page_id: Annotated[UUID, Field(strict=False)]
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    depth: Annotated[int, Field(ge=0)]
+    frontier: Annotated[Frontier, Field(strict=False)]
+
+    @property
+    def priority(self) -> int:
+        """Shallow pages first for a ``priority`` crawl; one level for the others."""
+        if self.frontier is Frontier.PRIORITY:
+            return max(0, MAX_PRIORITY - self.depth)
+        return 0
+
+
 def encode(order: OrderMessage, attempt: int = 1) -> Message:
     """An order as a persistent AMQP message."""
+    return _message(order, str(order.id), order.priority, MESSAGE_TYPE, attempt)
+
+
+def encode_task(task: CrawlTask, attempt: int = 1) -> Message:
+    """A crawl task as a persistent AMQP message; ``message_id`` is the page id."""
+    return _message(task, str(task.page_id), task.priority, CRAWL_MESSAGE_TYPE, attempt)
+
+
+def _message(
+    body: BaseModel, message_id: str, priority: int, message_type: str, attempt: int
+) -> Message:
     return Message(
-        orjson.dumps(order.model_dump(mode="json")),
+        orjson.dumps(body.model_dump(mode="json")),
         content_type=CONTENT_TYPE,
         delivery_mode=DeliveryMode.PERSISTENT,
-        message_id=str(order.id),
-        priority=order.priority,
-        type=MESSAGE_TYPE,
+        message_id=message_id,
+        priority=priority,
+        type=message_type,
         headers={ATTEMPT: attempt},
     )
 
 
 def decode(message: AbstractIncomingMessage) -> OrderMessage:
     """The order in a delivery, or ``InvalidMessage`` saying why it is not one."""
-    if message.type != MESSAGE_TYPE:
+    return _decode(message, MESSAGE_TYPE, OrderMessage, "order")
+
+
+def decode_task(message: AbstractIncomingMessage) -> CrawlTask:
+    """The crawl task in a delivery, or ``InvalidMessage`` saying why it is not one."""
+    return _decode(message, CRAWL_MESSAGE_TYPE, CrawlTask, "crawl task")
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _decode(message: AbstractIncomingMessage, message_type: str, model: type[_M], noun: str) -> _M:
+    if message.type != message_type:
         raise InvalidMessage(f"unknown message type {message.type!r}")
     if message.content_type not in (None, CONTENT_TYPE):
         raise InvalidMessage(f"unsupported content type {message.content_type!r}")
@@ -111,9 +163,9 @@ def decode(message: AbstractIncomingMessage) -> OrderMessage:
         version = data.get("version") if isinstance(data, dict) else None
         raise InvalidMessage(f"unknown schema version {version!r}")
     try:
-        return OrderMessage.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise InvalidMessage(f"invalid order: {_summary(exc)}") from None
+        raise InvalidMessage(f"invalid {noun}: {_summary(exc)}") from None
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:
@@ -123,7 +175,8 @@ def attempt_of(message: AbstractIncomingMessage) -> int:
 
 
 def order_id_of(message: AbstractIncomingMessage) -> UUID | None:
-    """The order a delivery names in ``message_id``, even when its body is unreadable."""
+    """The order (or crawl page) a delivery names in ``message_id``, even when its body is
+    unreadable."""
     try:
         return UUID(message.message_id or "")
     except ValueError:

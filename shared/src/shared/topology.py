@@ -14,6 +14,9 @@
                   (orders.dead) ◄──────────── [orders.dead] ◄─────────────────┘ confirmed publish,
                                                (fanout)                          then ack
 
+The crawler's lane has the same shape under the names ``crawls``, ``crawls.work``,
+``crawls.retry.<delay>`` and ``crawls.dead``, with routing key ``crawl.task``.
+
 Both services call ``declare``. Arguments are constants here, never settings: RabbitMQ
 refuses a redeclare with different arguments (PRECONDITION_FAILED).
 """
@@ -24,7 +27,8 @@ from typing import Any
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel
 
-from shared.messages import MAX_PRIORITY, MESSAGE_TYPE
+from shared.messages import CRAWL_MESSAGE_TYPE, MAX_PRIORITY
+from shared.messages import MESSAGE_TYPE as ORDER_MESSAGE_TYPE
 
 
 @dataclass(frozen=True)
@@ -46,24 +50,6 @@ class Binding:
     routing_key: str
 
 
-ORDERS = Exchange("orders", ExchangeType.DIRECT)
-RETRY = Exchange("orders.retry", ExchangeType.DIRECT)
-DEAD = Exchange("orders.dead", ExchangeType.FANOUT)
-
-ORDER_ROUTING_KEY = MESSAGE_TYPE
-
-# Classic queues: quorum queues refuse x-max-priority on RabbitMQ 3.x.
-WORK = Queue(
-    "orders.work",
-    {
-        "x-queue-type": "classic",
-        "x-max-priority": MAX_PRIORITY,
-        # Safety net: anything rejected without requeue lands in the DLQ, never in the void.
-        "x-dead-letter-exchange": DEAD.name,
-    },
-)
-DEAD_LETTERS = Queue("orders.dead", {"x-queue-type": "classic"})
-
 # One queue per delay level: a queue-level TTL expires in order, so a short delay never
 # waits behind a long one (per-message TTLs only expire at the head of a queue).
 RETRY_DELAYS_MS: tuple[int, ...] = (
@@ -80,32 +66,86 @@ def delay_name(delay_ms: int) -> str:
     return f"{delay_ms}ms"
 
 
-def retry_queue(delay_ms: int) -> Queue:
-    return Queue(
-        f"{RETRY.name}.{delay_name(delay_ms)}",
-        {
-            "x-queue-type": "classic",
-            "x-message-ttl": delay_ms,
-            "x-dead-letter-exchange": ORDERS.name,
-            "x-dead-letter-routing-key": ORDER_ROUTING_KEY,
-        },
-    )
-
-
 def retry_level(delay_ms: float) -> int:
     """The longest delay level not above ``delay_ms`` (the shortest level if all are)."""
     return max((d for d in RETRY_DELAYS_MS if d <= delay_ms), default=RETRY_DELAYS_MS[0])
 
 
-RETRY_QUEUES = tuple(retry_queue(d) for d in RETRY_DELAYS_MS)
+@dataclass(frozen=True)
+class Lane:
+    """One kind of work: its exchange and work queue, its retry levels, its dead letters."""
 
-EXCHANGES = (ORDERS, RETRY, DEAD)
-QUEUES = (WORK, DEAD_LETTERS, *RETRY_QUEUES)
-BINDINGS = (
-    Binding(WORK, ORDERS, ORDER_ROUTING_KEY),
-    Binding(DEAD_LETTERS, DEAD, ""),
-    *(Binding(retry_queue(d), RETRY, delay_name(d)) for d in RETRY_DELAYS_MS),
-)
+    exchange: Exchange
+    routing_key: str
+    work: Queue
+    retry: Exchange
+    retry_queues: tuple[Queue, ...]
+    dead: Exchange
+    dead_letters: Queue
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        return (self.exchange, self.retry, self.dead)
+
+    @property
+    def queues(self) -> tuple[Queue, ...]:
+        return (self.work, self.dead_letters, *self.retry_queues)
+
+    @property
+    def bindings(self) -> tuple[Binding, ...]:
+        return (
+            Binding(self.work, self.exchange, self.routing_key),
+            Binding(self.dead_letters, self.dead, ""),
+            *(
+                Binding(q, self.retry, delay_name(d))
+                for q, d in zip(self.retry_queues, RETRY_DELAYS_MS, strict=True)
+            ),
+        )
+
+
+def lane(name: str, routing_key: str) -> Lane:
+    """The queues and exchanges of a lane called ``name`` (``orders``: the diagram above)."""
+    exchange = Exchange(name, ExchangeType.DIRECT)
+    dead = Exchange(f"{name}.dead", ExchangeType.FANOUT)
+    retry = Exchange(f"{name}.retry", ExchangeType.DIRECT)
+    # Classic queues: quorum queues refuse x-max-priority on RabbitMQ 3.x.
+    work = Queue(
+        f"{name}.work",
+        {
+            "x-queue-type": "classic",
+            "x-max-priority": MAX_PRIORITY,
+            # Safety net: anything rejected without requeue lands in the DLQ, never in the void.
+            "x-dead-letter-exchange": dead.name,
+        },
+    )
+    retry_queues = tuple(
+        Queue(
+            f"{retry.name}.{delay_name(d)}",
+            {
+                "x-queue-type": "classic",
+                "x-message-ttl": d,
+                "x-dead-letter-exchange": exchange.name,
+                "x-dead-letter-routing-key": routing_key,
+            },
+        )
+        for d in RETRY_DELAYS_MS
+    )
+    dead_letters = Queue(dead.name, {"x-queue-type": "classic"})
+    return Lane(exchange, routing_key, work, retry, retry_queues, dead, dead_letters)
+
+
+ORDER_LANE = lane("orders", ORDER_MESSAGE_TYPE)
+CRAWL_LANE = lane("crawls", CRAWL_MESSAGE_TYPE)
+LANES = (ORDER_LANE, CRAWL_LANE)
+
+# The order lane's parts by name, as the message contract (docs/messages.md) calls them.
+ORDERS, WORK, RETRY = ORDER_LANE.exchange, ORDER_LANE.work, ORDER_LANE.retry
+DEAD, DEAD_LETTERS = ORDER_LANE.dead, ORDER_LANE.dead_letters
+ORDER_ROUTING_KEY = ORDER_LANE.routing_key
+
+EXCHANGES = tuple(e for ln in LANES for e in ln.exchanges)
+QUEUES = tuple(q for ln in LANES for q in ln.queues)
+BINDINGS = tuple(b for ln in LANES for b in ln.bindings)
 
 
 async def declare(channel: AbstractChannel) -> None:

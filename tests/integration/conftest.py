@@ -19,7 +19,7 @@ from shared.settings import ConsumerSettings, ProducerSettings
 from tests.integration.processes import Producer, Service
 from tests.integration.proxy import Proxy
 
-TABLES = "reservations, outbox, orders, inventory"
+TABLES = "reservations, outbox, orders, inventory, crawl_pages, crawls"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -64,7 +64,7 @@ async def test_consumer_metrics_and_json_logs(
         found = await wait_until(scraped, 10, "the poison message to be counted")
     assert found[("orders_processed_total", (("outcome", "completed"),))] == 3
     assert found[("orders_processed_total", (("outcome", "rejected"),))] == 1
-    assert found[("order_processing_seconds_count", ())] == 4
+    assert found[("order_processing_seconds_count", ())] == 5  # every delivery, poison too
     assert found[("orders_in_flight", ())] == 0
 
     lines = [orjson.loads(line) for line in consumer.log().splitlines() if line.strip()]

@@ -23,6 +23,8 @@ async def test_concurrent_migrations_on_a_fresh_database(database_url: str) -> N
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
         )
         assert {t["tablename"] for t in tables} == {
+            "crawl_pages",
+            "crawls",
             "inventory",
             "orders",
             "outbox",

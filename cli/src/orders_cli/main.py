@@ -159,7 +159,7 @@ def queues(
         ) from None
     table = Table("queue", "messages", "consumers", "net rate /s")
     for name, n, consumers, rate in rows:
-        if name.startswith("orders.retry.") and n == 0 and rate == 0:
+        if ".retry." in name and n == 0 and rate == 0:
             continue  # idle delay levels
         table.add_row(name, str(n), str(consumers), f"{rate:+.1f}")
     out.print(table)
@@ -174,34 +174,40 @@ def _dlq(action: str, **kwargs: Any) -> None:
 
 
 Limit = Annotated[int, typer.Option(help="most messages to look at")]
+Lane = Annotated[str, typer.Option(help="whose dead letters: orders or crawls")]
 
 
 @dlq_app.command("list")
-def dlq_list(limit: Limit = 10_000) -> None:
+def dlq_list(limit: Limit = 10_000, lane: Lane = "orders") -> None:
     """One JSON line per dead letter: id, attempts, error, failure times."""
-    _dlq("list", limit=limit)
+    _dlq("list", limit=limit, lane=lane)
 
 
 @dlq_app.command("show")
-def dlq_show(message_id: str, limit: Limit = 10_000) -> None:
+def dlq_show(message_id: str, limit: Limit = 10_000, lane: Lane = "orders") -> None:
     """One dead letter in full: headers and body."""
-    _dlq("show", message_id=message_id, limit=limit)
+    _dlq("show", message_id=message_id, limit=limit, lane=lane)
 
 
 @dlq_app.command("replay")
 def dlq_replay(
-    message_ids: Annotated[list[str] | None, typer.Argument(help="message (order) ids")] = None,
+    message_ids: Annotated[
+        list[str] | None, typer.Argument(help="message ids (order or crawl page ids)")
+    ] = None,
     every: Annotated[bool, typer.Option("--all", help="replay every dead letter")] = False,
     limit: Limit = 10_000,
+    lane: Lane = "orders",
 ) -> None:
     """Send dead letters back to work with a fresh attempt count."""
-    _dlq("replay", message_ids=message_ids or [], every=every, limit=limit)
+    _dlq("replay", message_ids=message_ids or [], every=every, limit=limit, lane=lane)
 
 
 @dlq_app.command("purge")
-def dlq_purge(yes: Annotated[bool, typer.Option("--yes", help="confirm")] = False) -> None:
-    """Drop every dead letter (their orders stay failed)."""
-    _dlq("purge", yes=yes)
+def dlq_purge(
+    yes: Annotated[bool, typer.Option("--yes", help="confirm")] = False, lane: Lane = "orders"
+) -> None:
+    """Drop every dead letter (what they stand for stays failed)."""
+    _dlq("purge", yes=yes, lane=lane)
 
 
 if __name__ == "__main__":

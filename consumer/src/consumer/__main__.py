@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="confirm")
         action.add_argument("--limit", type=int, default=10_000, help="most messages to look at")
+        action.add_argument(
+            "--lane", choices=("orders", "crawls"), default="orders", help="whose dead letters"
+        )
     return root
 
 
@@ -59,6 +62,7 @@ def main() -> None:
                     every=getattr(args, "all", False),
                     yes=getattr(args, "yes", False),
                     limit=args.limit,
+                    lane=args.lane,
                 )
             )
         )

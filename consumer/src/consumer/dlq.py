@@ -1,8 +1,9 @@
-"""Inspect and replay the dead-letter queue: ``python -m consumer dlq list|show|replay|purge``.
+"""Inspect and replay the dead-letter queues: ``python -m consumer dlq list|show|replay|purge``.
 
-Browsing takes messages without acking them and closes the channel afterwards, which puts every
-message back; replay is a confirmed publish to the work exchange with a fresh attempt count,
-then the ack of the dead letter.
+Each lane has its own (``--lane orders``, the default: ``orders.dead``; ``--lane crawls``:
+``crawls.dead``). Browsing takes messages without acking them and closes the channel
+afterwards, which puts every message back; replay is a confirmed publish to the lane's work
+exchange with a fresh attempt count, then the ack of the dead letter.
 """
 
 import sys
@@ -17,6 +18,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared import amqp, messages, topology
 from shared.settings import ConsumerSettings
+
+LANES = {lane.exchange.name: lane for lane in topology.LANES}  # orders, crawls
 
 DROP_ON_REPLAY = (
     messages.ERROR_TYPE,
@@ -54,12 +57,14 @@ class DeadLetter:
 
 
 @asynccontextmanager
-async def _dead_letters(settings: ConsumerSettings, limit: int) -> AsyncIterator[list[DeadLetter]]:
+async def _dead_letters(
+    settings: ConsumerSettings, lane: topology.Lane, limit: int
+) -> AsyncIterator[list[DeadLetter]]:
     """Up to ``limit`` dead letters, held unacked; any not acked go back when this exits."""
     async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
         channel = await connection.channel(publisher_confirms=False)
         await topology.declare(channel)
-        queue = await channel.get_queue(topology.DEAD_LETTERS.name, ensure=False)
+        queue = await channel.get_queue(lane.dead_letters.name, ensure=False)
         yield [DeadLetter(m) for m in await _take(queue, limit)]
 
 
@@ -73,41 +78,63 @@ async def _take(queue: AbstractQueue, limit: int) -> list[AbstractIncomingMessag
     return taken
 
 
-async def list_dead(settings: ConsumerSettings, limit: int) -> list[dict[str, Any]]:
-    async with _dead_letters(settings, limit) as letters:
+async def list_dead(
+    settings: ConsumerSettings, limit: int, lane: topology.Lane = topology.ORDER_LANE
+) -> list[dict[str, Any]]:
+    async with _dead_letters(settings, lane, limit) as letters:
         return [d.summary() for d in letters]
 
 
 async def show_dead(
-    settings: ConsumerSettings, message_id: str, limit: int
+    settings: ConsumerSettings,
+    message_id: str,
+    limit: int,
+    lane: topology.Lane = topology.ORDER_LANE,
 ) -> dict[str, Any] | None:
-    async with _dead_letters(settings, limit) as letters:
+    async with _dead_letters(settings, lane, limit) as letters:
         return next((d.detail() for d in letters if d.message.message_id == message_id), None)
 
 
+# What replay resets, by lane: the order goes back to ``accepted``; the crawl page to
+# ``queued`` and its crawl, if it had completed, to ``running``.
+REOPEN = {
+    topology.ORDER_LANE.exchange.name: [
+        """UPDATE orders SET status = 'accepted', reason = NULL, attempts = 0,
+                             next_attempt_at = NULL, updated_at = clock_timestamp()
+           WHERE id = $1 AND status = 'failed'"""
+    ],
+    topology.CRAWL_LANE.exchange.name: [
+        """UPDATE crawls SET status = 'running', finished_at = NULL, updated_at = clock_timestamp()
+           WHERE status = 'completed'
+             AND id = (SELECT crawl_id FROM crawl_pages WHERE id = $1 AND status = 'failed')""",
+        """UPDATE crawl_pages SET status = 'queued', attempts = 0, error = NULL
+           WHERE id = $1 AND status = 'failed'""",
+    ],
+}
+
+
 async def replay(
-    settings: ConsumerSettings, select: Callable[[DeadLetter], bool], limit: int
+    settings: ConsumerSettings,
+    select: Callable[[DeadLetter], bool],
+    limit: int,
+    lane: topology.Lane = topology.ORDER_LANE,
 ) -> list[str]:
-    """Send the selected dead letters back to work; their orders go back to ``accepted``."""
+    """Send the selected dead letters back to work; what they stand for is reopened."""
     replayed: list[str] = []
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with (
             await amqp.connect(settings.rabbitmq_url, "dlq-replay") as connection,
-            _dead_letters(settings, limit) as letters,
+            _dead_letters(settings, lane, limit) as letters,
         ):
             channel = await amqp.confirmed_channel(connection)
-            exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+            exchange = await channel.get_exchange(lane.exchange.name, ensure=False)
             for letter in filter(select, letters):
                 message = letter.message
-                order_id = messages.order_id_of(message)
-                if order_id is not None:
-                    await conn.execute(
-                        """UPDATE orders SET status = 'accepted', reason = NULL, attempts = 0,
-                                             next_attempt_at = NULL, updated_at = clock_timestamp()
-                           WHERE id = $1 AND status = 'failed'""",
-                        order_id,
-                    )
+                if (key := messages.order_id_of(message)) is not None:
+                    async with conn.transaction():
+                        for statement in REOPEN[lane.exchange.name]:
+                            await conn.execute(statement, key)
                 headers = {
                     k: v for k, v in (message.headers or {}).items() if k not in DROP_ON_REPLAY
                 }
@@ -115,7 +142,7 @@ async def replay(
                 await amqp.publish(
                     exchange,
                     messages.forward(message, headers),
-                    topology.ORDER_ROUTING_KEY,
+                    lane.routing_key,
                     settings.publish_timeout,
                 )
                 await message.ack()
@@ -125,12 +152,12 @@ async def replay(
     return replayed
 
 
-async def purge(settings: ConsumerSettings) -> int:
-    """Drop every dead letter; their orders stay ``failed``."""
+async def purge(settings: ConsumerSettings, lane: topology.Lane = topology.ORDER_LANE) -> int:
+    """Drop every dead letter; what they stand for stays ``failed``."""
     async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
         channel = await connection.channel(publisher_confirms=False)
         await topology.declare(channel)
-        queue = await channel.get_queue(topology.DEAD_LETTERS.name, ensure=False)
+        queue = await channel.get_queue(lane.dead_letters.name, ensure=False)
         result = await queue.purge()
         return int(result.message_count or 0)
 
@@ -144,19 +171,24 @@ async def command(
     every: bool = False,
     yes: bool = False,
     limit: int = 10_000,
+    lane: str = "orders",
 ) -> int:
     """One operator command (list, show, replay, purge): prints its result, returns the exit code.
 
     Shared by ``python -m consumer dlq`` and ``orders dlq``. Results go to stdout (JSON lines or
     message ids), counts and errors to stderr.
     """
+    if lane not in LANES:
+        print(f"unknown lane {lane!r}: choose {' or '.join(LANES)}", file=sys.stderr)
+        return 2
+    chosen = LANES[lane]
     if action == "list":
-        rows = await list_dead(settings, limit)
+        rows = await list_dead(settings, limit, chosen)
         for row in rows:
             print_json(row)
         print(f"{len(rows)} dead-lettered message(s)", file=sys.stderr)
     elif action == "show":
-        found = await show_dead(settings, message_id or "", limit)
+        found = await show_dead(settings, message_id or "", limit, chosen)
         if found is None:
             print(f"no dead letter with message id {message_id}", file=sys.stderr)
             return 1
@@ -166,7 +198,9 @@ async def command(
             print("name message ids to replay, or pass --all", file=sys.stderr)
             return 2
         wanted = set(message_ids)
-        done = await replay(settings, lambda d: every or d.message.message_id in wanted, limit)
+        done = await replay(
+            settings, lambda d: every or d.message.message_id in wanted, limit, chosen
+        )
         for replayed in done:
             print(replayed)
         print(f"replayed {len(done)} message(s)", file=sys.stderr)
@@ -177,7 +211,7 @@ async def command(
         if not yes:
             print("purge drops every dead letter for good; pass --yes to confirm", file=sys.stderr)
             return 2
-        print(f"purged {await purge(settings)} message(s)", file=sys.stderr)
+        print(f"purged {await purge(settings, chosen)} message(s)", file=sys.stderr)
     return 0
 
 

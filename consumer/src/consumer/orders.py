@@ -12,9 +12,12 @@ from enum import StrEnum
 from uuid import UUID
 
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.metrics import Metrics
+from shared import messages, topology
 from shared.errors import PaymentUnavailable, PermanentError
-from shared.messages import OrderMessage
+from shared.messages import Frontier, OrderMessage
 from shared.settings import ConsumerSettings
 
 
@@ -34,6 +37,32 @@ START = """
         WHERE orders.status NOT IN ('completed', 'rejected', 'failed')
     RETURNING attempts
 """
+
+
+class OrderHandler:
+    """The ``orders`` lane: the most urgent order in the window runs first."""
+
+    lane = topology.ORDER_LANE
+    noun = "order"
+
+    def __init__(self, pool: asyncpg.Pool, settings: ConsumerSettings, metrics: Metrics) -> None:
+        self.pool, self.settings, self.metrics = pool, settings, metrics
+        self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
+        self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
+
+    def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
+        return Frontier.PRIORITY, -(message.priority or 0)
+
+    async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
+        return await process(self.pool, messages.decode(message), attempt, self.settings)
+
+    async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
+        if (order_id := messages.order_id_of(message)) is not None:
+            await mark_retrying(self.pool, order_id, error, delay_ms)
+
+    async def failed(self, message: AbstractIncomingMessage, error: str) -> None:
+        if (order_id := messages.order_id_of(message)) is not None:
+            await mark_failed(self.pool, order_id, error)
 
 
 async def process(

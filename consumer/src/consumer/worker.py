@@ -1,11 +1,13 @@
 """The consumer loop, and the one place that decides ack, retry or dead-letter.
 
-    delivery ─► decode ─► process ─► ack                       (completed, rejected, duplicate)
-                  │          │
-                  │          └─ transient error, attempts left ─► publish to a retry queue ─► ack
-                  │          └─ transient error, exhausted ────┐
-                  └─ poison (InvalidMessage) ──────────────────┴► publish to the DLQ ─────► ack
+    delivery ─► window ─► handler ─► ack                       (completed, rejected, duplicate, ...)
+                             │
+                             └─ transient error, attempts left ─► publish to a retry queue ─► ack
+                             └─ transient error, exhausted ────┐
+                             └─ poison (InvalidMessage) ───────┴► publish to the DLQ ─────► ack
 
+One worker runs one handler per lane (orders, crawl tasks): each lane has its own channel,
+prefetch, window (consumer/window.py) and runners, and every lane gets the same settling rules.
 Every move to another queue is a confirmed publish *before* the ack, so a crash in between
 duplicates a message (harmless) instead of losing one.
 """
@@ -14,18 +16,28 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
-import asyncpg
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from prometheus_client import start_http_server
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from prometheus_client import CollectorRegistry, start_http_server
 
-from consumer import orders
+from consumer.crawler import CrawlHandler
+from consumer.fetcher import Fetcher
 from consumer.metrics import Metrics
+from consumer.orders import OrderHandler
+from consumer.window import Window
 from shared import amqp, db, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError
+from shared.messages import Frontier
 from shared.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -39,16 +51,49 @@ def retry_delay_ms(
     return topology.retry_level(ceiling / 2 + rand() * ceiling / 2)
 
 
-class Worker:
-    """Consumes ``orders.work`` with manual acks, ``concurrency`` orders at a time."""
+class Handler(Protocol):
+    """What one lane's work means; the worker does the acking, retrying and dead-lettering."""
 
-    def __init__(self, settings: ConsumerSettings, pool: asyncpg.Pool, metrics: Metrics) -> None:
-        self.settings, self.pool, self.metrics = settings, pool, metrics
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
-        self._retry: AbstractExchange | None = None
-        self._dead: AbstractExchange | None = None
+    lane: topology.Lane
+    noun: str  # "order", "crawl task": for logs
+    metrics: Metrics
+    concurrency: int  # runners
+    prefetch: int
+    max_attempts: int
+    timeout: float  # seconds one attempt may take
+
+    def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
+        """Where a delivery waits in the window: which queue, and its key there."""
+
+    async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
+        """Handle one attempt and return its outcome; raise to retry or dead-letter."""
+
+    async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
+        """Record that the attempt failed and the next one comes in ``delay_ms``."""
+
+    async def failed(self, message: AbstractIncomingMessage, error: str) -> None:
+        """Record that the message went to the dead-letter queue."""
+
+
+@dataclass
+class _Lane:
+    """A handler's broker side during one connection."""
+
+    handler: Handler
+    channel: AbstractChannel
+    queue: AbstractQueue
+    retry: AbstractExchange
+    dead: AbstractExchange
+    window: Window = field(default_factory=Window)
+    tag: str = ""
+    busy: int = 0  # deliveries being handled now
+
+
+class Worker:
+    """Consumes every handler's work queue with manual acks."""
+
+    def __init__(self, settings: ConsumerSettings, handlers: Sequence[Handler]) -> None:
+        self.settings, self.handlers = settings, handlers
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after any broker trouble; then drain."""
@@ -64,25 +109,40 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        url = self.settings.rabbitmq_url
+        url, name = self.settings.rabbitmq_url, self.settings.consumer_name
         # Separate connections: a memory or disk alarm blocks publishers, not consumers.
         async with (
-            await amqp.connect(url, f"consumer {self.settings.consumer_name}") as consuming,
-            await amqp.connect(url, f"publisher {self.settings.consumer_name}") as publishing,
+            await amqp.connect(url, f"consumer {name}") as consuming,
+            await amqp.connect(url, f"publisher {name}") as publishing,
         ):
+            lanes: list[_Lane] = []
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
-                channel = await consuming.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=self.settings.prefetch)
-                await topology.declare(channel)
                 publisher = await amqp.confirmed_channel(publishing)
-                self._retry = await publisher.get_exchange(topology.RETRY.name, ensure=False)
-                self._dead = await publisher.get_exchange(topology.DEAD.name, ensure=False)
-                queue = await channel.get_queue(topology.WORK.name, ensure=False)
-                self._stopping = False
-                tag = await queue.consume(self._on_message)
-            log.info("consuming %s from %s", topology.WORK.name, amqp.redact(url))
+                await topology.declare(publisher)
+                for handler in self.handlers:
+                    channel = await consuming.channel(publisher_confirms=False)
+                    await channel.set_qos(prefetch_count=handler.prefetch)
+                    lane = _Lane(
+                        handler,
+                        channel,
+                        await channel.get_queue(handler.lane.work.name, ensure=False),
+                        await publisher.get_exchange(handler.lane.retry.name, ensure=False),
+                        await publisher.get_exchange(handler.lane.dead.name, ensure=False),
+                    )
+                    lane.tag = await lane.queue.consume(self._receiver(lane))
+                    lanes.append(lane)
+            log.info(
+                "consuming %s from %s",
+                ", ".join(ln.queue.name for ln in lanes),
+                amqp.redact(url),
+            )
+            runners = [
+                asyncio.create_task(self._runner(lane))
+                for lane in lanes
+                for _ in range(lane.handler.concurrency)
+            ]
             lost = asyncio.ensure_future(
-                amqp.until_closed(consuming, channel, publishing, publisher)
+                amqp.until_closed(consuming, publishing, publisher, *(ln.channel for ln in lanes))
             )
             stopped = asyncio.ensure_future(stop.wait())
             try:
@@ -90,103 +150,116 @@ class Worker:
             finally:
                 stopped.cancel()
                 lost.cancel()
-            self._stopping = True
-            if stop.is_set() and not channel.is_closed:
-                with contextlib.suppress(Exception):  # closing the channel cancels it anyway
-                    await queue.cancel(tag, timeout=amqp.SETUP_TIMEOUT)
-            await self._drain()
+            if stop.is_set():
+                for lane in lanes:
+                    if not lane.channel.is_closed:
+                        with contextlib.suppress(Exception):  # closing cancels it anyway
+                            await lane.queue.cancel(lane.tag, timeout=amqp.SETUP_TIMEOUT)
+            await self._drain(lanes, runners)
             if not stop.is_set():
                 raise ConnectionError("broker connection lost")
 
-    async def _drain(self) -> None:
-        """Let in-flight orders finish and ack; whatever is left unacked goes back to the queue."""
-        if self._tasks:
-            log.info("waiting for %d in-flight orders", len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace)
+    async def _drain(self, lanes: list[_Lane], runners: list["asyncio.Task[None]"]) -> None:
+        """Let in-flight work finish and ack; what was never started goes back to its queue."""
+        left = [(lane, m) for lane in lanes for m in lane.window.close()]
+        if busy := [f"{ln.busy} in-flight {ln.handler.noun}s" for ln in lanes if ln.busy]:
+            log.info("waiting for %s", ", ".join(busy))
+        if runners:
+            _, pending = await asyncio.wait(runners, timeout=self.settings.shutdown_grace)
             for task in pending:
                 task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for lane, message in left:
+            await _requeue(lane, message)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        logs.order_id.set(message.message_id)  # this task's log lines name the order
-        try:
-            async with self._slots:
-                if self._stopping:
-                    await message.nack(requeue=True)
-                    return
-                if message.redelivered:
-                    self.metrics.redeliveries.inc()
-                with self.metrics.in_flight.track_inprogress():
-                    await self.handle(message)
-        except Exception:
-            log.exception("could not settle message %s; requeueing it", message.message_id)
-            if not message.processed:  # never leave a delivery unacked on a live channel
-                with contextlib.suppress(Exception):  # a closed channel requeues it anyway
-                    await message.nack(requeue=True)
-        finally:
-            self._tasks.discard(task)
+    def _receiver(self, lane: _Lane) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def receive(message: AbstractIncomingMessage) -> None:
+            if lane.window.closed:
+                await _requeue(lane, message)
+            else:
+                lane.window.put(message, *lane.handler.place(message))
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
+        return receive
+
+    async def _runner(self, lane: _Lane) -> None:
+        metrics = lane.handler.metrics
+        while (message := await lane.window.get()) is not None:
+            if lane.channel.is_closed:
+                continue  # RabbitMQ redelivers it; its ack could not land anyway
+            logs.order_id.set(message.message_id)  # this task's log lines name the message
+            if message.redelivered:
+                metrics.redeliveries.inc()
+            lane.busy += 1
+            try:
+                with metrics.in_flight.track_inprogress():
+                    await self.handle(lane, message)
+            except Exception:
+                log.exception("could not settle message %s; requeueing it", message.message_id)
+                await _requeue(lane, message)
+            finally:
+                lane.busy -= 1
+
+    async def handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
         """Process one delivery and settle it: ack, retry or dead-letter."""
+        handler = lane.handler
         attempt = messages.attempt_of(message)
         try:
-            order = messages.decode(message)
+            with handler.metrics.processing_seconds.time():
+                async with asyncio.timeout(handler.timeout):
+                    outcome = await handler.process(message, attempt)
         except InvalidMessage as exc:
-            await self._dead_letter(message, exc, attempt, "poison")
-            return
-        try:
-            with self.metrics.processing_seconds.time():
-                async with asyncio.timeout(self.settings.order_timeout):
-                    outcome = await orders.process(self.pool, order, attempt, self.settings)
+            await self._dead_letter(lane, message, exc, attempt, "poison")
         except PermanentError as exc:
-            await self._dead_letter(message, exc, attempt, "permanent")
+            await self._dead_letter(lane, message, exc, attempt, "permanent")
         except Exception as exc:
-            if attempt >= self.settings.max_attempts:
-                await self._dead_letter(message, exc, attempt, "exhausted")
+            if attempt >= handler.max_attempts:
+                await self._dead_letter(lane, message, exc, attempt, "exhausted")
             else:
-                await self._retry_later(message, exc, attempt)
+                await self._retry_later(lane, message, exc, attempt)
         else:
             await message.ack()
-            self.metrics.processed.labels(outcome).inc()
-            log.info("order %s %s (attempt %d)", order.id, outcome, attempt)
+            handler.metrics.processed.labels(outcome).inc()
+            log.info("%s %s %s (attempt %d)", handler.noun, message.message_id, outcome, attempt)
 
     async def _retry_later(
-        self, message: AbstractIncomingMessage, exc: Exception, attempt: int
+        self, lane: _Lane, message: AbstractIncomingMessage, exc: Exception, attempt: int
     ) -> None:
         s = self.settings
         delay = retry_delay_ms(attempt, s.retry_base_ms, s.retry_cap_ms)
         error = _describe(exc)
         log.warning(
-            "order %s attempt %d failed (%s); retry in %d ms",
+            "%s %s attempt %d failed (%s); retry in %d ms",
+            lane.handler.noun,
             message.message_id,
             attempt,
             error,
             delay,
         )
-        order_id = messages.order_id_of(message)
-        if order_id is not None:
-            await self._best_effort(orders.mark_retrying(self.pool, order_id, error, delay))
+        await _best_effort(lane.handler.retrying(message, error, delay))
         headers = {messages.ATTEMPT: attempt + 1, **_failure_headers(message, exc)}
-        self.metrics.retries.inc()
-        assert self._retry is not None
-        await self._move(message, self._retry, headers, topology.delay_name(delay))
+        lane.handler.metrics.retries.inc()
+        await self._move(message, lane.retry, headers, topology.delay_name(delay))
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, exc: Exception, attempt: int, reason: str
+        self,
+        lane: _Lane,
+        message: AbstractIncomingMessage,
+        exc: Exception,
+        attempt: int,
+        reason: str,
     ) -> None:
         error = _describe(exc)
         log.error(
-            "dead-lettering message %s after attempt %d: %s", message.message_id, attempt, error
+            "dead-lettering %s %s after attempt %d: %s",
+            lane.handler.noun,
+            message.message_id,
+            attempt,
+            error,
         )
-        order_id = messages.order_id_of(message)
-        if order_id is not None:
-            await self._best_effort(orders.mark_failed(self.pool, order_id, error))
+        await _best_effort(lane.handler.failed(message, error))
         headers = {messages.ATTEMPT: attempt, **_failure_headers(message, exc)}
-        self.metrics.dead_lettered.labels(reason).inc()
-        assert self._dead is not None
-        await self._move(message, self._dead, headers, "")
+        lane.handler.metrics.dead_lettered.labels(reason).inc()
+        await self._move(message, lane.dead, headers, "")
 
     async def _move(
         self,
@@ -212,12 +285,20 @@ class Worker:
             return
         await message.ack()
 
-    async def _best_effort(self, update: Awaitable[None]) -> None:
-        """A status update that must not stop the message from moving on."""
-        try:
-            await update
-        except Exception as exc:
-            log.warning("could not record order status: %r", exc)
+
+async def _requeue(lane: _Lane, message: AbstractIncomingMessage) -> None:
+    """Give a delivery back at once; never leave one unacked on a live channel."""
+    if not message.processed and not lane.channel.is_closed:
+        with contextlib.suppress(Exception):  # a closed channel requeues it anyway
+            await message.nack(requeue=True)
+
+
+async def _best_effort(update: Awaitable[None]) -> None:
+    """A status update that must not stop the message from moving on."""
+    try:
+        await update
+    except Exception as exc:
+        log.warning("could not record the failure: %r", exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -238,25 +319,34 @@ def _failure_headers(message: AbstractIncomingMessage, exc: Exception) -> dict[s
 
 
 async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
-    """Open the pool, migrate, and run one worker until ``stop``."""
-    metrics = Metrics.create()
-    server = _serve_metrics(metrics, settings.metrics_port)
-    pool = await db.create_pool(settings.database_url, settings.concurrency + 2)
+    """Open the pool, migrate, and run one worker with both lanes until ``stop``."""
+    registry = CollectorRegistry()
+    server = _serve_metrics(registry, settings.metrics_port)
+    pool = await db.create_pool(
+        settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
+    )
     try:
         await db.migrate(pool, settings.startup_timeout)
-        await Worker(settings, pool, metrics).run(stop)
+        async with Fetcher(settings) as fetcher:
+            handlers: list[Handler] = [
+                OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
+                CrawlHandler(
+                    pool, settings, Metrics.create(registry, "crawl_task", "crawl_tasks"), fetcher
+                ),
+            ]
+            await Worker(settings, handlers).run(stop)
     finally:
         await pool.close()
         if server is not None:
             server.shutdown()
 
 
-def _serve_metrics(metrics: Metrics, port: int) -> WSGIServer | None:
+def _serve_metrics(registry: CollectorRegistry, port: int) -> WSGIServer | None:
     """Prometheus /metrics on ``port`` in a thread; a taken port costs the metrics, not the work."""
     if not port:
         return None
     try:
-        server, _ = start_http_server(port, registry=metrics.registry)
+        server, _ = start_http_server(port, registry=registry)
     except OSError as exc:
         log.error("metrics not served: port %d: %s", port, exc)
         return None

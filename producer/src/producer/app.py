@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from producer import api, dashboard, problems
+from producer import api, crawls, dashboard, problems
 from producer.metrics import Metrics
 from producer.outbox import Relay
 from shared import db
@@ -59,9 +59,10 @@ def create_app(settings: ProducerSettings) -> FastAPI:
         summary="Durable, prioritised order processing over RabbitMQ",
         lifespan=lifespan,
     )
-    app.state.metrics = metrics
+    app.state.metrics, app.state.settings = metrics, settings
     problems.install(app, settings.max_body_bytes)
     app.include_router(api.router)
+    app.include_router(crawls.router)
     app.include_router(dashboard.router)
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(
         app

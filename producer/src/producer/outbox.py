@@ -1,35 +1,69 @@
-"""The outbox relay: publishes committed orders to RabbitMQ and forgets them only after the confirm.
+"""The outbox relay: publishes committed work to RabbitMQ and forgets it only after the confirm.
 
-``POST /orders`` commits the order and its outbox row together, then wakes the relay. The relay
-claims rows (``FOR UPDATE SKIP LOCKED``, so replicas share the work), publishes them in priority
-order with publisher confirms, and deletes the confirmed ones in the same transaction. Whatever is
-left (broker down, confirm timed out, producer killed) is published on a later round: at least
-once, and the consumer makes a duplicate harmless.
+Two sources feed it. ``POST /orders`` commits the order and its outbox row together; a crawl's
+pages are rows of ``crawl_pages`` still marked ``unpublished``, written by ``POST /crawls`` and by
+the consumers that find links (they ``NOTIFY outbox`` when they commit). The relay claims rows
+(``FOR UPDATE SKIP LOCKED``, so replicas share the work), publishes them with publisher confirms,
+and forgets the confirmed ones in the same transaction. Whatever is left (broker down, confirm
+timed out, producer killed) is published on a later round: at least once, and the consumers make
+a duplicate harmless.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from aio_pika import Message
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
 from producer.metrics import Metrics
 from shared import amqp, topology
-from shared.messages import OrderMessage, encode
+from shared.messages import CrawlTask, OrderMessage, encode, encode_task
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
 
-CLAIM = """
-    SELECT o.id, o.customer_id, o.items, o.priority
-    FROM outbox b JOIN orders o ON o.id = b.order_id
-    ORDER BY b.priority DESC, b.seq
-    LIMIT $1
-    FOR UPDATE OF b SKIP LOCKED
-"""
+CHANNEL = "outbox"  # NOTIFY outbox: rows were committed elsewhere, publish now
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows to publish to a lane: how to claim them, encode one, and forget the confirmed."""
+
+    lane: topology.Lane
+    claim: str  # $1: how many; the first column is the row's key
+    encode: Callable[[dict[str, Any]], Message]
+    forget: str  # $1: the keys of the confirmed rows
+
+
+ORDERS = Source(
+    topology.ORDER_LANE,
+    """SELECT o.id, o.customer_id, o.items, o.priority
+       FROM outbox b JOIN orders o ON o.id = b.order_id
+       ORDER BY b.priority DESC, b.seq
+       LIMIT $1
+       FOR UPDATE OF b SKIP LOCKED""",
+    lambda row: encode(OrderMessage.model_validate(row)),
+    "DELETE FROM outbox WHERE order_id = ANY($1::uuid[])",
+)
+# In the order pages were found: a FIFO crawl's tasks reach the broker breadth-first.
+CRAWL_TASKS = Source(
+    topology.CRAWL_LANE,
+    """SELECT p.id AS page_id, p.crawl_id, p.url, p.depth, c.frontier
+       FROM crawl_pages p JOIN crawls c ON c.id = p.crawl_id
+       WHERE p.unpublished
+       ORDER BY p.seq
+       LIMIT $1
+       FOR UPDATE OF p SKIP LOCKED""",
+    lambda row: encode_task(CrawlTask.model_validate(row)),
+    "UPDATE crawl_pages SET unpublished = false WHERE id = ANY($1::uuid[])",
+)
+SOURCES = (ORDERS, CRAWL_TASKS)
 
 
 class Relay:
@@ -68,10 +102,31 @@ class Relay:
     async def run(self) -> None:
         """Connect, publish, reconnect after any broker trouble, until ``stop``."""
         gauge = asyncio.create_task(self._measure(), name="outbox-gauge")
+        listener = asyncio.create_task(self._listen(), name="outbox-listener")
         try:
             await self._relay()
         finally:
             gauge.cancel()
+            listener.cancel()
+
+    async def _listen(self) -> None:
+        """Wake on ``NOTIFY outbox`` from other processes; the sweep covers any gap."""
+        while not self._stopping.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+                await conn.add_listener(CHANNEL, lambda *_: self.wake())
+                while not conn.is_closed() and not self._stopping.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), 5)
+            except Exception as exc:
+                log.debug("outbox listener: %r", exc)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
 
     async def _measure(self) -> None:
         """Refresh the backlog figures behind ``overloaded``, once per ``relay_interval``."""
@@ -105,11 +160,18 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
-    async def publish_pending(self, exchange: AbstractExchange) -> int:
-        """One round: claim, publish, delete what was confirmed. Returns how many were confirmed."""
+    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> int:
+        """One round over every source: claim, publish, forget what was confirmed.
+
+        Returns the most rows confirmed from one source (``relay_batch``: there may be more).
+        """
+        return max([await self._publish(source, exchanges) for source in SOURCES])
+
+    async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> int:
         failure: BaseException | None = None
+        exchange = exchanges[source.lane.exchange.name]
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(CLAIM, self._settings.relay_batch)
+            rows = [dict(row) for row in await conn.fetch(source.claim, self._settings.relay_batch)]
             if not rows:
                 return 0
             started = time.perf_counter()
@@ -117,8 +179,8 @@ class Relay:
                 *(
                     amqp.publish(
                         exchange,
-                        encode(OrderMessage.model_validate(dict(row))),
-                        topology.ORDER_ROUTING_KEY,
+                        source.encode(row),
+                        source.lane.routing_key,
                         self._settings.publish_timeout,
                     )
                     for row in rows
@@ -126,9 +188,11 @@ class Relay:
                 return_exceptions=True,
             )
             self._metrics.confirm_seconds.observe(time.perf_counter() - started)
-            confirmed = [row["id"] for row, r in zip(rows, results, strict=True) if r is None]
+            confirmed = [
+                next(iter(row.values())) for row, r in zip(rows, results, strict=True) if r is None
+            ]
             failure = next((r for r in results if isinstance(r, BaseException)), None)
-            await conn.execute("DELETE FROM outbox WHERE order_id = ANY($1::uuid[])", confirmed)
+            await conn.execute(source.forget, confirmed)
         if failure is not None:
             raise failure
         return len(confirmed)
@@ -138,7 +202,12 @@ class Relay:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
                 await topology.declare(channel)
-                exchange = await channel.get_exchange(topology.ORDERS.name, ensure=False)
+                exchanges = {
+                    s.lane.exchange.name: await channel.get_exchange(
+                        s.lane.exchange.name, ensure=False
+                    )
+                    for s in SOURCES
+                }
                 gauge_channel = await connection.channel(publisher_confirms=False)
                 self._queues = [
                     await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
@@ -153,7 +222,7 @@ class Relay:
                         raise ConnectionError("broker connection lost")
                     self._wake.clear()
                     try:
-                        published = await self.publish_pending(exchange)
+                        published = await self.publish_pending(exchanges)
                     except Exception as exc:
                         if lost.done():
                             raise

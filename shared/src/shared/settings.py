@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     startup_timeout: float = Field(60.0, gt=0, description="seconds to wait for the database")
     publish_timeout: float = Field(10.0, gt=0, description="seconds to wait for a confirm")
+    crawl_allowed_private_hosts: str = Field(
+        "", description="comma-separated hosts crawls may reach on non-public addresses"
+    )
 
 
 class ProducerSettings(Settings):
@@ -50,6 +53,16 @@ class ConsumerSettings(Settings):
     payment_failures_per_order: int = Field(0, ge=0)
     shutdown_grace: float = Field(25.0, gt=0, description="seconds to finish in-flight work")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics; 0: off")
+    crawl_concurrency: int = Field(4, ge=1, description="crawl tasks handled at once")
+    crawl_prefetch: int = Field(16, ge=1, description="unacked crawl tasks: the LIFO window")
+    crawl_max_attempts: int = Field(3, ge=1)
+    crawl_task_timeout: float = Field(60.0, gt=0, lt=1800, description="seconds per attempt")
+    crawl_fetch_timeout: float = Field(10.0, gt=0, description="seconds per HTTP request")
+    crawl_max_bytes: int = Field(2_000_000, ge=1, description="largest response read")
+    crawl_max_redirects: int = Field(5, ge=0, description="redirects followed in a row")
+    crawl_host_concurrency: int = Field(2, ge=1, description="requests at once per host")
+    crawl_host_delay_ms: int = Field(250, ge=0, description="between requests to one host")
+    crawl_user_agent: str = "orders-crawler/0.1"
     consumer_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="recorded on each order it settles, and shown to RabbitMQ",

@@ -1,0 +1,80 @@
+"""URLs a crawl may visit: normalisation, and the address policy against server-side forgery.
+
+A crawler fetches URLs that strangers write, so by default it refuses any host that resolves to
+a private, loopback, link-local or otherwise non-public address. The check runs on the resolved
+addresses (a public name pointing at 10.0.0.1 is refused too), at submission and again at every
+connection the consumer makes (redirect targets are pages of their own, checked the same way).
+Hosts named in CRAWL_ALLOWED_PRIVATE_HOSTS are exempt.
+"""
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+SCHEMES = ("http", "https")
+MAX_URL_LENGTH = 2048
+
+
+class AddressRefused(OSError):
+    """The host is, or resolves to, an address crawls may not reach."""
+
+
+def normalise(url: str, base: str | None = None) -> str | None:
+    """``url`` made absolute against ``base``, fragment dropped, scheme and host lowercased,
+    default port removed; ``None`` when it is not an http(s) URL a crawl can follow."""
+    try:
+        parts = urlsplit(urljoin(base, url.strip()) if base else url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in SCHEMES or not parts.hostname:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        host = f"{host}:{port}"
+    result = urlunsplit((scheme, host, parts.path or "/", parts.query, ""))
+    return result if len(result) <= MAX_URL_LENGTH else None
+
+
+def host_of(url: str) -> str:
+    """The lowercased host name of a normalised URL (no port)."""
+    return (urlsplit(url).hostname or "").lower()
+
+
+def is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def parse_hosts(value: str) -> frozenset[str]:
+    """``"127.0.0.1, localhost"`` as a set of lowercased host names."""
+    return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+
+
+async def resolve(host: str, port: int = 0) -> list[str]:
+    """Every address ``host`` resolves to (the host itself when it is an IP literal)."""
+    try:
+        return [str(ipaddress.ip_address(host.strip("[]")))]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def check_addresses(host: str, addresses: list[str], allowed_private: frozenset[str]) -> None:
+    """Raise ``AddressRefused`` unless every address is public or the host is exempt."""
+    if host.lower().strip("[]") in allowed_private:
+        return
+    refused = [a for a in addresses if not is_public(a)]
+    if refused:
+        raise AddressRefused(
+            f"{host} resolves to non-public address {refused[0]}; "
+            "add it to CRAWL_ALLOWED_PRIVATE_HOSTS to crawl it"
+        )

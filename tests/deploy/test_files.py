@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from shared.settings import ConsumerSettings, ProducerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -76,3 +78,13 @@ def test_metrics_are_scraped_from_every_service_in_the_observability_profile() -
         "port": 9100,
     }
     assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+
+
+def test_env_example_shows_every_setting() -> None:
+    shown = {
+        line.lstrip("# ").split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line
+    }
+    fields = set(ProducerSettings.model_fields) | set(ConsumerSettings.model_fields)
+    assert {f.upper() for f in fields} - shown == set()

@@ -66,6 +66,9 @@ async def test_consumer_metrics_and_json_logs(
     assert found[("orders_processed_total", (("outcome", "rejected"),))] == 1
     assert found[("order_processing_seconds_count", ())] == 5  # every delivery, poison too
     assert found[("orders_in_flight", ())] == 0
+    # The crawl lane has the same metrics under its own names (docs/crawler.md).
+    assert found[("crawl_tasks_in_flight", ())] == 0
+    assert found[("crawl_task_processing_seconds_count", ())] == 0
 
     lines = [orjson.loads(line) for line in consumer.log().splitlines() if line.strip()]
     about = {line.get("order_id") for line in lines if "completed" in line["message"]}

@@ -8,7 +8,7 @@ COMPOSE ?= docker compose
 N ?= 5
 CONSUMERS ?= 2
 
-.PHONY: help up down logs ps scale dev smoke sync test faults bench lint fmt typecheck clean
+.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,8 +17,11 @@ help: ## List the targets
 	python3 -m venv .tools
 	.tools/bin/pip install --quiet uv
 
-up: ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, consumer)
+up: secrets ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, consumer)
 	$(COMPOSE) up -d --build --wait
+
+secrets: $(UV) ## Make the local secrets under secrets/ that are missing (make up does)
+	$(UV) run python scripts/make_secrets.py
 
 down: ## Stop the stack (data volumes are kept)
 	$(COMPOSE) down
@@ -35,7 +38,7 @@ scale: ## Run N consumers: make scale N=5
 dev: sync ## Run the stack as local processes: make dev CONSUMERS=5 (no Docker needed)
 	CONSUMERS=$(CONSUMERS) $(UV) run python scripts/dev.py
 
-smoke: ## Where a Docker engine exists: up, scale to 5 consumers, post orders, check, tear down
+smoke: secrets ## Where a Docker engine exists: up, scale to 5 consumers, post orders, check, tear down
 	bash scripts/smoke.sh
 
 sync: $(UV) ## Install the workspace and dev tools into .venv

@@ -311,7 +311,7 @@ async def batch_submit(bench: Bench) -> dict[str, float]:
             )
             for b in range(bench.size.batch_orders // 1_000)
         ]
-        async with httpx.AsyncClient(base_url=producer.base_url, timeout=60) as client:
+        async with producer.client(timeout=60) as client:
             started = time.perf_counter()
             for body in bodies:
                 response = await client.post(

@@ -2,10 +2,13 @@
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+from tests.integration.processes import API_KEY
 
 LUA = Path(__file__).with_name("submit.lua")
 
@@ -27,6 +30,7 @@ async def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
         url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "ORDERS_API_KEY": API_KEY},
     )
     out, _ = await process.communicate()
     found = re.search(rb"WRK (\{.*\})", out)
@@ -55,7 +59,7 @@ async def paced(host: str, port: int, bodies: list[bytes], rate: float) -> int:
             reader, writer = idle.get_nowait()
         writer.write(
             b"POST /orders HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"X-API-Key: %s\r\nContent-Length: %d\r\n\r\n%s" % (API_KEY.encode(), len(body), body)
         )
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]

@@ -1,5 +1,6 @@
 -- wrk script: POST /orders with 100 pre-built valid orders in rotation (100 SKUs, priorities 0-9).
--- Prints one line "WRK {json}" with the figures the benchmark reads.
+-- Prints one line "WRK {json}" with the figures the benchmark reads. The API key comes from
+-- ORDERS_API_KEY.
 local prepared = {}
 local i = 0
 
@@ -7,7 +8,8 @@ function init(args)
   for n = 0, 99 do
     local body = string.format(
       '{"customer_id":"bench","items":[{"sku":"SKU-%d","quantity":1}],"priority":%d}', n, n % 10)
-    prepared[n] = wrk.format("POST", "/orders", {["Content-Type"] = "application/json"}, body)
+    local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = os.getenv("ORDERS_API_KEY")}
+    prepared[n] = wrk.format("POST", "/orders", headers, body)
   end
 end
 

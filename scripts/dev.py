@@ -2,12 +2,14 @@
 
 Runs ``python -m producer`` and ``CONSUMERS`` (default 2) ``python -m consumer`` processes against
 ``RABBITMQ_URL`` / ``DATABASE_URL`` (default: the local services), creating the database if it is
-missing. Their output is interleaved, one prefix per process. Ctrl-C or SIGTERM stops them all
+missing and running ``python -m shared.setup`` first. Their output is interleaved, one prefix per
+process. ``API_KEYS`` defaults to a fresh key, printed at start. Ctrl-C or SIGTERM stops them all
 gracefully: consumers finish and ack their in-flight orders first.
 """
 
 import asyncio
 import os
+import secrets
 import signal
 import sys
 
@@ -58,8 +60,14 @@ async def start(name: str, module: str, env: dict[str, str]) -> asyncio.subproce
 
 async def main() -> int:
     env = {**DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1"}
+    if not env.get("API_KEYS"):
+        env["API_KEYS"] = f"dev:{secrets.token_urlsafe(24)}"
+        print(f"dev        | API key for this run: {env['API_KEYS'][4:]}", flush=True)
     consumers = int(env.get("CONSUMERS", "2"))
     await ensure_database(env["DATABASE_URL"])
+    setup = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.setup", env=env)
+    if await setup.wait():
+        return 1
 
     named = {"producer": await start("producer", "producer", env)}
     for i in range(1, consumers + 1):

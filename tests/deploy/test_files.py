@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from shared.settings import ConsumerSettings, ProducerSettings
+from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,11 +51,15 @@ def test_compose_follows_the_conventions_scaling_relies_on() -> None:
     assert "ports" not in consumer
     assert consumer["init"] is True
     assert consumer["stop_grace_period"] == "30s"
-    for name in ("producer", "consumer"):
+    for name in ("producer", "consumer"):  # setup declared and migrated everything first
         assert services[name]["depends_on"] == {
-            "rabbitmq": {"condition": "service_healthy"},
-            "postgres": {"condition": "service_healthy"},
+            "setup": {"condition": "service_completed_successfully"}
         }
+    assert services["setup"]["depends_on"] == {
+        "rabbitmq": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
+    assert services["setup"]["command"] == ["python", "-m", "shared.setup"]
     assert services["rabbitmq"]["hostname"] == "rabbitmq"
     assert "healthcheck" in services["rabbitmq"]
     assert "healthcheck" in services["postgres"]
@@ -86,5 +90,7 @@ def test_env_example_shows_every_setting() -> None:
         for line in (ROOT / ".env.example").read_text().splitlines()
         if "=" in line
     }
-    fields = set(ProducerSettings.model_fields) | set(ConsumerSettings.model_fields)
+    fields = {
+        f for s in (ProducerSettings, ConsumerSettings, SetupSettings) for f in s.model_fields
+    }
     assert {f.upper() for f in fields} - shown == set()

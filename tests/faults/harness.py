@@ -22,9 +22,10 @@ import aio_pika
 import asyncpg
 import httpx
 
-from shared import topology
+from shared import setup, topology
+from shared.settings import SetupSettings
 from tests.faults.nodes import PostgresNode, RabbitNode
-from tests.integration.processes import Producer, Service, free_port
+from tests.integration.processes import API_KEY, AUTH, Producer, Service, free_port
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"
@@ -73,7 +74,9 @@ class Load:
         started = time.monotonic()
         give_up = started + self.duration + 90
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=5, limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=AUTH, timeout=5, limits=limits
+        ) as client:
             tasks = []
             for i in range(count):
                 await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
@@ -135,6 +138,8 @@ class Stack:
         return {
             "RABBITMQ_URL": self.broker.url(self.vhost, self.proxy.port),
             "DATABASE_URL": self.database.url(self.dbname),
+            "API_KEYS": f"faults:{API_KEY}",
+            "RATE_LIMIT_PER_SECOND": "0",
             "ORDER_WORK_MS": "200",  # long enough that a kill catches orders in flight
             "PREFETCH": "4",
             "CONCURRENCY": "4",
@@ -153,13 +158,17 @@ class Stack:
         admin = await asyncpg.connect(self.database.url())
         await admin.execute(f'CREATE DATABASE "{self.dbname}"')
         await admin.close()
+        env = self.env()
+        await setup.run(
+            SetupSettings(rabbitmq_url=env["RABBITMQ_URL"], database_url=env["DATABASE_URL"])
+        )
         await self.proxy.start()
         await self.start_producer()
         for i in range(self.count):
             self.consumers.append(self._consumer(i))
         for consumer in self.consumers:
             await consumer.wait_for_log("consuming orders.work")
-        async with httpx.AsyncClient(base_url=self.base_url) as client:
+        async with httpx.AsyncClient(base_url=self.base_url, headers=AUTH) as client:
             await _until(lambda: _ready(client), 60)
             await client.put(f"/inventory/{SKU}", json={"available": STOCK})
 
@@ -401,7 +410,7 @@ async def run_scenario(
 
 
 async def _watch_readiness(base_url: str, seen: list[int]) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=2) as client:
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=2) as client:
         while True:
             try:
                 seen.append((await client.get("/readyz")).status_code)
@@ -413,7 +422,7 @@ async def _watch_readiness(base_url: str, seen: list[int]) -> None:
 async def _recovery(stack: Stack, healed: datetime) -> float:
     """Seconds from the fault's end until /readyz is 200 and an order completes again."""
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=stack.base_url, timeout=2) as client:
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=AUTH, timeout=2) as client:
         await _until(lambda: _ready(client), 120)
     conn = await _connect(stack)
     try:

@@ -70,6 +70,13 @@ class RabbitNode:
     def url(self, vhost: str, port: int | None = None) -> str:
         return f"amqp://guest:guest@127.0.0.1:{port or self.port}/{vhost}"
 
+    def configure(self, lines: str) -> None:
+        """Add ``rabbit.conf`` lines before ``start`` (files they name must be in ``dir``)."""
+        with (self.dir / "rabbit.conf").open("a") as conf:
+            conf.write(lines)
+        for path in (self.dir, *self.dir.rglob("*")):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+
     async def ctl(self, *args: str, timeout: float = 60) -> str:
         return await run("rabbitmqctl", "-q", "-n", self.name, *args, timeout=timeout)
 

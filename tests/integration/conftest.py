@@ -16,7 +16,7 @@ from consumer.worker import serve
 from producer.app import create_app
 from shared import db, topology
 from shared.settings import ConsumerSettings, ProducerSettings
-from tests.integration.processes import Producer, Service
+from tests.integration.processes import API_KEY, AUTH, Producer, Service
 from tests.integration.proxy import Proxy
 
 TABLES = "reservations, outbox, orders, inventory, crawl_pages, crawls"
@@ -73,7 +73,12 @@ async def channel(rabbitmq_url: str, clean: None) -> AsyncIterator[AbstractChann
 @pytest.fixture
 def producer_settings(rabbitmq_url: str, database_url: str) -> Callable[..., ProducerSettings]:
     def make(**overrides: Any) -> ProducerSettings:
-        values: dict[str, Any] = {"rabbitmq_url": rabbitmq_url, "database_url": database_url}
+        values: dict[str, Any] = {
+            "rabbitmq_url": rabbitmq_url,
+            "database_url": database_url,
+            "api_keys": f"tests:{API_KEY}",
+            "rate_limit_per_second": 0,  # test_auth.py checks the limit
+        }
         return ProducerSettings(**{**values, **overrides})
 
     return make
@@ -109,7 +114,9 @@ async def start_api(
             app = create_app(producer_settings(**overrides))
             await stack.enter_async_context(app.router.lifespan_context(app))
             transport = httpx.ASGITransport(app=app)
-            client = httpx.AsyncClient(transport=transport, base_url="http://orders.test")
+            client = httpx.AsyncClient(
+                transport=transport, base_url="http://orders.test", headers=AUTH
+            )
             await stack.enter_async_context(client)
             client.app = app  # type: ignore[attr-defined]
             return client

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+API_KEY = "test-api-key"  # the key every test producer accepts (not a secret: tests only)
+AUTH = {"X-API-Key": API_KEY}
 
 
 def free_port() -> int:
@@ -74,8 +77,14 @@ class Service:
 class Producer(Service):
     def __init__(self, name: str, env: dict[str, str], port: int | None = None) -> None:
         self.port = port or free_port()
-        super().__init__("producer", name, {**env, "HOST": "127.0.0.1", "PORT": str(self.port)})
+        keyed = {"API_KEYS": f"tests:{API_KEY}", "RATE_LIMIT_PER_SECOND": "0"}
+        env = {**keyed, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        super().__init__("producer", name, env)
         self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client for this producer that sends the test API key."""
+        return httpx.AsyncClient(base_url=self.base_url, headers=AUTH, **kwargs)
 
     async def wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

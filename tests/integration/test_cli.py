@@ -12,6 +12,7 @@ import orjson
 from aio_pika.abc import AbstractChannel
 
 from tests.integration.conftest import WorkerFactory, settled, wait_until
+from tests.integration.processes import API_KEY
 
 
 def orders(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -22,7 +23,7 @@ def orders(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        env={**os.environ, "COLUMNS": "200", "ORDERS_API_KEY": API_KEY, **(env or {})},
         check=False,
     )
 
@@ -48,6 +49,11 @@ async def test_submit_status_load_and_queues(
     await settled(conn, [order["id"]])
     shown = await asyncio.to_thread(orders, "status", order["id"], *url)
     assert orjson.loads(shown.stdout)["status"] == "completed"
+    keyless = await asyncio.to_thread(
+        orders, "status", order["id"], *url, env={"ORDERS_API_KEY": ""}
+    )
+    assert keyless.returncode == 1
+    assert "/problems/unauthorized" in keyless.stderr
 
     with tempfile.NamedTemporaryFile("wb", suffix=".json") as file:
         file.write(orjson.dumps({"customer_id": "f", "items": [{"sku": "PEN-1", "quantity": 3}]}))

@@ -52,7 +52,7 @@ async def test_dashboard_counts_update_while_orders_flow(spawn, conn: asyncpg.Co
             return found
 
         assert await wait_until(lambda: text("count-completed"), 20, "the page to render") == "0"
-        async with httpx.AsyncClient(base_url=producer.base_url) as client:
+        async with producer.client() as client:
             body = {"customer_id": "dash", "items": [{"sku": "TSHIRT-M", "quantity": 150}]}
             ids = [(await client.post("/orders", json=body)).json()["id"] for _ in range(12)]
         await settled(conn, ids)

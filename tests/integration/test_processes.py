@@ -32,7 +32,7 @@ async def test_consumer_killed_mid_work_the_order_completes_exactly_once(
     await producer.wait_healthy()
     slow = spawn("consumer", "consumer-killed", ORDER_WORK_MS="30000")
     await slow.wait_for_log("consuming")
-    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+    async with producer.client() as client:
         order_id = await _post(client, "MUG-1", 7)
         await wait_until(lambda: _status_is(conn, [order_id], "processing"), 20, "processing")
         slow.kill()
@@ -55,7 +55,7 @@ async def test_sigterm_finishes_and_acks_in_flight_orders_then_exits(
         "consumer", "consumer-term", ORDER_WORK_MS="2000", PREFETCH="4", CONCURRENCY="4"
     )
     await consumer.wait_for_log("consuming")
-    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+    async with producer.client() as client:
         in_flight = [await _post(client, "PEN-1", 1) for _ in range(4)]
         await wait_until(lambda: _status_is(conn, in_flight, "processing"), 20, "4 in flight")
         waiting = [await _post(client, "PEN-1", 1) for _ in range(3)]
@@ -83,7 +83,7 @@ async def _depth(channel: AbstractChannel, n: int) -> bool:
 async def test_producer_process_serves_the_documented_interface(spawn) -> None:
     producer = spawn("producer", "producer-interface")
     await producer.wait_healthy()
-    async with httpx.AsyncClient(base_url=producer.base_url) as client:
+    async with producer.client() as client:
         ready = await wait_until(lambda: _ready(client), 20, "/readyz")
         assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok"}
         assert (await client.get("/openapi.json")).status_code == 200

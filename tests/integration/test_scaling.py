@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 
 from tests.integration.conftest import settled, wait_until
-from tests.integration.processes import ARTIFACTS, free_port
+from tests.integration.processes import API_KEY, ARTIFACTS, AUTH, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,8 @@ async def test_five_consumers_share_the_work_and_lose_nothing_as_they_come_and_g
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "ORDER_WORK_MS": "10",
+        "API_KEYS": f"tests:{API_KEY}",
+        "RATE_LIMIT_PER_SECOND": "0",
     }
     with log_path.open("wb") as log:
         dev = subprocess.Popen(
@@ -58,7 +60,7 @@ async def test_five_consumers_share_the_work_and_lose_nothing_as_they_come_and_g
     try:
         pids = await wait_until(lambda: _pids(log_path, 5), 30, "5 consumers to start")
         await wait_until(lambda: _consuming(log_path, 5), 30, "5 consumers to consume")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as client:
             await wait_until(lambda: _ready(client), 30, "the producer")
             await client.put("/inventory/PEN-1", json={"available": 1_000_000})
 

@@ -7,10 +7,12 @@
     orders dlq list|show|replay|purge               dead letters
 
 The HTTP commands talk to the producer at ``--url`` (``ORDERS_URL``, default
-http://localhost:8000); ``queues`` and ``dlq`` use ``RABBITMQ_URL`` and ``DATABASE_URL``.
+http://localhost:8000) with the API key in ``ORDERS_API_KEY``; ``queues`` and ``dlq`` use
+``RABBITMQ_URL`` and ``DATABASE_URL``.
 """
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +30,8 @@ from shared.settings import ConsumerSettings
 
 app = typer.Typer(
     help="Submit orders, watch them, drive load and operate the queues. The HTTP commands use"
-    " --url (ORDERS_URL); queues and dlq use RABBITMQ_URL and DATABASE_URL.",
+    " --url (ORDERS_URL) and the key in ORDERS_API_KEY; queues and dlq use RABBITMQ_URL and"
+    " DATABASE_URL.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -45,7 +48,13 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _auth() -> dict[str, str]:
+    key = os.environ.get("ORDERS_API_KEY")
+    return {"X-API-Key": key} if key else {}
+
+
 def _request(url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    kwargs["headers"] = {**_auth(), **(kwargs.get("headers") or {})}
     try:
         return httpx.request(method, f"{url.rstrip('/')}{path}", timeout=10, **kwargs)
     except httpx.HTTPError as exc:
@@ -111,7 +120,7 @@ def load(
     _request(url, "GET", "/healthz")  # a clear error before the progress bar, if unreachable
 
     async def go() -> loadgen.Summary:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers=_auth()) as client:
             return await loadgen.run(client, count, rate, mix, lines, wait)
 
     s = asyncio.run(go())

@@ -118,7 +118,7 @@ class Worker:
             lanes: list[_Lane] = []
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 publisher = await amqp.confirmed_channel(publishing)
-                await topology.declare(publisher)
+                await topology.declare(publisher, "consumer")
                 for handler in self.handlers:
                     channel = await consuming.channel(publisher_confirms=False)
                     await channel.set_qos(prefetch_count=handler.prefetch)

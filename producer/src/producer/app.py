@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from producer import api, crawls, dashboard, problems
+from producer.auth import Guard, require_key
 from producer.metrics import Metrics
 from producer.outbox import Relay
 from shared import db
@@ -60,11 +61,18 @@ def create_app(settings: ProducerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.metrics, app.state.settings = metrics, settings
+    app.state.guard = Guard(settings)
     problems.install(app, settings.max_body_bytes)
-    app.include_router(api.router)
-    app.include_router(crawls.router)
-    app.include_router(dashboard.router)
+    keyed = [Depends(require_key)]
+    app.include_router(api.router, dependencies=keyed)
+    app.include_router(crawls.router, dependencies=keyed)
+    app.include_router(api.health)
+    app.include_router(dashboard.router, dependencies=keyed if settings.dashboard_needs_key else [])
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(
         app
-    ).expose(app, include_in_schema=False)
+    ).expose(
+        app,
+        include_in_schema=False,
+        dependencies=keyed if settings.metrics_need_key else [],
+    )
     return app

@@ -201,7 +201,7 @@ class Relay:
         async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
-                await topology.declare(channel)
+                await topology.declare(channel, "producer")
                 exchanges = {
                     s.lane.exchange.name: await channel.get_exchange(
                         s.lane.exchange.name, ensure=False

@@ -187,6 +187,50 @@ MIGRATIONS: tuple[str, ...] = (
 
 _MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service
 
+# What each service's own database role may do (docs/security.md): no DDL, no DELETE but the
+# producer's on the outbox it empties. ``grant`` applies them; the tests prove they suffice.
+PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "producer": (
+        "SELECT, INSERT ON orders",
+        "SELECT, INSERT, UPDATE, DELETE ON outbox",  # UPDATE: its claims lock rows
+        "SELECT, INSERT, UPDATE ON inventory",
+        "SELECT ON reservations",
+        "SELECT, INSERT, UPDATE ON crawls, crawl_pages",
+        "USAGE ON SEQUENCE outbox_seq_seq, crawl_pages_seq_seq",
+        "SELECT ON schema_version",
+    ),
+    "consumer": (
+        "SELECT, INSERT, UPDATE ON orders",
+        "SELECT, UPDATE ON inventory",
+        "SELECT, INSERT ON reservations",
+        "SELECT, UPDATE ON crawls",
+        "SELECT, INSERT, UPDATE ON crawl_pages",
+        "USAGE ON SEQUENCE crawl_pages_seq_seq, crawl_visits",
+        "EXECUTE ON FUNCTION reserve_order(uuid, text[], int[], text)",
+        "SELECT ON schema_version",
+    ),
+}
+
+
+async def grant(pool: asyncpg.Pool, service: str, role: str, password: str) -> None:
+    """Create or update ``role`` (login, ``password``) with exactly ``service``'s privileges."""
+    async with pool.acquire() as conn, conn.transaction():
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+        verb = "ALTER" if exists else "CREATE"
+        # DDL takes no parameters: format() quotes the name and the password server-side.
+        statement = await conn.fetchval(
+            "SELECT format('%s ROLE %I LOGIN PASSWORD %L', $1::text, $2::text, $3::text)",
+            verb,
+            role,
+            password,
+        )
+        await conn.execute(statement)
+        quoted = await conn.fetchval("SELECT quote_ident($1)", role)
+        await conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quoted}")
+        await conn.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {quoted}")
+        for privilege in PRIVILEGES[service]:
+            await conn.execute(f"GRANT {privilege} TO {quoted}")
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
@@ -217,14 +261,26 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
     return pool
 
 
+async def _current(pool: asyncpg.Pool) -> bool:
+    """The schema is at the latest version (read without DDL or locks)."""
+    async with pool.acquire() as conn:
+        if await conn.fetchval("SELECT to_regclass('schema_version')") is None:
+            return False
+        version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+        return bool(version >= len(MIGRATIONS))
+
+
 async def migrate(pool: asyncpg.Pool, wait_up_to: float) -> None:
     """Bring the schema up to date, retrying until the database answers or ``wait_up_to`` passes.
 
-    Safe when several replicas start at once: they queue on an advisory lock.
+    Safe when several replicas start at once: they queue on an advisory lock. A service whose
+    own role may not migrate finds the schema current (``python -m shared.setup`` ran first).
     """
     deadline = time.monotonic() + wait_up_to
     while True:
         try:
+            if await _current(pool):
+                return  # nothing to do, and nothing a service's own role may not do
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
                 await conn.execute(

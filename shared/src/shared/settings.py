@@ -2,14 +2,23 @@
 
 import os
 import socket
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+URL_PASSWORDS = {"rabbitmq_password": "rabbitmq_url", "database_password": "database_url"}
 
 
 class Settings(BaseSettings):
-    """What both services read."""
+    """What both services read.
+
+    A ``<name>_FILE`` setting names a file holding a secret (compose mounts them under
+    ``/run/secrets``): ``RABBITMQ_PASSWORD_FILE`` and ``DATABASE_PASSWORD_FILE`` put their
+    password into the URL, any other ``X_FILE`` fills ``X``.
+    """
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
@@ -22,6 +31,27 @@ class Settings(BaseSettings):
     crawl_allowed_private_hosts: str = Field(
         "", description="comma-separated hosts crawls may reach on non-public addresses"
     )
+    rabbitmq_password_file: Path | None = None
+    database_password_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, path in list(data.items()):
+            if not name.endswith("_file") or not path:
+                continue
+            secret = Path(path).read_text().strip()
+            target = name.removesuffix("_file")
+            if target in URL_PASSWORDS:
+                url_field = URL_PASSWORDS[target]
+                url = data.get(url_field) or cls.model_fields[url_field].default
+                data[url_field] = str(URL(url).with_password(secret))
+            else:
+                data[target] = secret
+        return data
 
 
 class ProducerSettings(Settings):
@@ -36,6 +66,14 @@ class ProducerSettings(Settings):
     max_outbox: int = Field(100_000, ge=1, description="unpublished orders before 503")
     max_queue_depth: int = Field(500_000, ge=1, description="queued orders before 503")
     demo_catalogue: bool = False
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated keys, each optionally name:key; required"
+    )
+    api_keys_file: Path | None = None
+    rate_limit_per_second: float = Field(200.0, ge=0, description="per key and process; 0: off")
+    rate_limit_burst: int = Field(400, ge=1)
+    metrics_need_key: bool = False
+    dashboard_needs_key: bool = False
 
 
 class ConsumerSettings(Settings):
@@ -67,3 +105,14 @@ class ConsumerSettings(Settings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="recorded on each order it settles, and shown to RabbitMQ",
     )
+
+
+class SetupSettings(Settings):
+    """``python -m shared.setup``: the operator's broker account and the database owner."""
+
+    producer_db_user: str = Field("", description="the producer's own role; empty: none made")
+    producer_db_password: SecretStr | None = None
+    producer_db_password_file: Path | None = None
+    consumer_db_user: str = Field("", description="the consumer's own role; empty: none made")
+    consumer_db_password: SecretStr | None = None
+    consumer_db_password_file: Path | None = None

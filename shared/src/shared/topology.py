@@ -17,10 +17,12 @@
 The crawler's lane has the same shape under the names ``crawls``, ``crawls.work``,
 ``crawls.retry.<delay>`` and ``crawls.dead``, with routing key ``crawl.task``.
 
-Both services call ``declare``. Arguments are constants here, never settings: RabbitMQ
-refuses a redeclare with different arguments (PRECONDITION_FAILED).
+``python -m shared.setup`` declares all of it as the operator; each service then calls
+``declare`` with its role, declaring what it may and checking the rest. Arguments are constants
+here, never settings: RabbitMQ refuses a redeclare with different arguments (PRECONDITION_FAILED).
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,14 +150,49 @@ QUEUES = tuple(q for ln in LANES for q in ln.queues)
 BINDINGS = tuple(b for ln in LANES for b in ln.bindings)
 
 
-async def declare(channel: AbstractChannel) -> None:
-    """Declare the whole topology; idempotent, safe from any number of processes at once."""
-    exchanges = {
-        e.name: await channel.declare_exchange(e.name, e.type, durable=True) for e in EXCHANGES
-    }
-    queues = {
-        q.name: await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
-        for q in QUEUES
-    }
-    for b in BINDINGS:
-        await queues[b.queue.name].bind(exchanges[b.exchange.name], b.routing_key)
+@dataclass(frozen=True)
+class Permissions:
+    """A RabbitMQ user's configure / write / read patterns on the vhost."""
+
+    configure: str
+    write: str
+    read: str
+
+
+def _names(*names: str) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+# Least privilege (docs/security.md). The producer declares and publishes to the lanes'
+# exchanges; the consumer consumes the work queues and publishes to the retry and dead-letter
+# exchanges. Neither can declare queues (a queue's dead-letter exchange would need write on it),
+# so ``setup`` declares the whole topology as the operator.
+PERMISSIONS = {
+    "producer": Permissions(
+        configure=_names(*(ln.exchange.name for ln in LANES)),
+        write=_names(*(ln.exchange.name for ln in LANES)),
+        read="^$",
+    ),
+    "consumer": Permissions(
+        configure="^$",
+        write=_names(*(e.name for ln in LANES for e in (ln.retry, ln.dead))),
+        read=_names(*(ln.work.name for ln in LANES)),
+    ),
+    "operator": Permissions(configure=".*", write=".*", read=".*"),
+}
+
+
+async def declare(channel: AbstractChannel, role: str = "operator") -> None:
+    """Declare what ``role`` may configure, and check the rest exists; idempotent, safe from any
+    number of processes at once. The operator (``python -m shared.setup``) declares it all."""
+    may = re.compile(PERMISSIONS[role].configure)
+    for e in EXCHANGES:
+        passive = not may.fullmatch(e.name)
+        await channel.declare_exchange(e.name, e.type, durable=True, passive=passive)
+    for q in QUEUES:
+        passive = not may.fullmatch(q.name)
+        await channel.declare_queue(q.name, durable=True, arguments=q.arguments, passive=passive)
+    if role == "operator":
+        for b in BINDINGS:
+            queue = await channel.get_queue(b.queue.name, ensure=False)
+            await queue.bind(b.exchange.name, b.routing_key)

@@ -1,0 +1,48 @@
+"""``python -m shared.setup``: what the services' own accounts may not do.
+
+Run once per deployment and after each upgrade (compose's ``setup`` service, ``make dev``), with
+the operator's broker account and the database owner. It declares the whole topology, migrates
+the schema, and creates or updates each service's database role with exactly its privileges.
+Every step is idempotent.
+"""
+
+import asyncio
+import logging
+import sys
+
+from shared import amqp, db, logs, topology
+from shared.settings import SetupSettings
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: SetupSettings) -> None:
+    async with await amqp.connect(settings.rabbitmq_url, "setup") as connection:
+        await topology.declare(await connection.channel())
+    log.info("topology declared on %s", amqp.redact(settings.rabbitmq_url))
+    pool = await db.create_pool(settings.database_url, 2)
+    try:
+        await db.migrate(pool, settings.startup_timeout)
+        for service, user, password in (
+            ("producer", settings.producer_db_user, settings.producer_db_password),
+            ("consumer", settings.consumer_db_user, settings.consumer_db_password),
+        ):
+            if user and password is not None:
+                await db.grant(pool, service, user, password.get_secret_value())
+                log.info("database role %s has the %s's privileges", user, service)
+    finally:
+        await pool.close()
+
+
+def main() -> None:
+    settings = SetupSettings()
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run(settings))
+    except Exception as exc:
+        log.error("setup failed: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

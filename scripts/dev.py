@@ -2,19 +2,25 @@
 
 Runs ``python -m producer`` and ``CONSUMERS`` (default 2) ``python -m consumer`` processes against
 ``RABBITMQ_URL`` / ``DATABASE_URL`` (default: the local services), creating the database if it is
-missing and running ``python -m shared.setup`` first. Their output is interleaved, one prefix per
+missing and running ``python -m shared.setup`` first. Like compose, each service gets its own
+broker user (when RabbitMQ is local, made with rabbitmqctl) and database role with least
+privilege; they are removed when it stops. Their output is interleaved, one prefix per
 process. ``API_KEYS`` defaults to a fresh key, printed at start. Ctrl-C or SIGTERM stops them all
 gracefully: consumers finish and ack their in-flight orders first.
 """
 
 import asyncio
+import contextlib
 import os
 import secrets
+import shutil
 import signal
 import sys
 
 import asyncpg
 from yarl import URL
+
+from shared.topology import PERMISSIONS
 
 DEFAULTS = {
     "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:5672/",
@@ -36,6 +42,60 @@ async def ensure_database(url: str) -> None:
             print(f"dev        | created database {name}", flush=True)
     finally:
         await admin.close()
+
+
+async def _ctl(*args: str) -> int:
+    ctl = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await ctl.wait()
+
+
+async def service_accounts(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each service's own broker user and database role, with the permissions compose gives
+    them (shared/topology.py, shared/db.py); setup makes the roles. Without rabbitmqctl the
+    services share RABBITMQ_URL's account."""
+    tag = f"dev-{os.getpid()}"
+    accounts: dict[str, dict[str, str]] = {}
+    amqp, database = URL(env["RABBITMQ_URL"]), URL(env["DATABASE_URL"])
+    local_broker = shutil.which("rabbitmqctl") and amqp.host in ("127.0.0.1", "localhost")
+    for role in ("producer", "consumer"):
+        db_user, db_password = f"orders_{role}_{tag.replace('-', '_')}", secrets.token_hex(16)
+        env[f"{role.upper()}_DB_USER"], env[f"{role.upper()}_DB_PASSWORD"] = db_user, db_password
+        accounts[role] = {
+            "DATABASE_URL": str(database.with_user(db_user).with_password(db_password))
+        }
+        if local_broker:
+            user, password = f"orders-{role}-{tag}", secrets.token_hex(16)
+            p = PERMISSIONS[role]
+            vhost = amqp.path[1:] or "/"
+            if await _ctl("add_user", user, password) or await _ctl(
+                "set_permissions", "-p", vhost, user, p.configure, p.write, p.read
+            ):
+                raise RuntimeError(f"rabbitmqctl could not make the broker user {user}")
+            accounts[role]["RABBITMQ_URL"] = str(amqp.with_user(user).with_password(password))
+    if not local_broker:
+        print("dev        | no local rabbitmqctl: the services share RABBITMQ_URL's account")
+    return accounts
+
+
+async def remove_accounts(env: dict[str, str], accounts: dict[str, dict[str, str]]) -> None:
+    for account in accounts.values():
+        if "RABBITMQ_URL" in account:
+            await _ctl("delete_user", URL(account["RABBITMQ_URL"]).user or "")
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:
+        for account in accounts.values():
+            role = URL(account["DATABASE_URL"]).user
+            with contextlib.suppress(asyncpg.PostgresError):
+                await conn.execute(f'DROP OWNED BY "{role}"')
+                await conn.execute(f'DROP ROLE "{role}"')
+    finally:
+        await conn.close()
 
 
 async def relay(name: str, stream: asyncio.StreamReader) -> None:
@@ -65,15 +125,23 @@ async def main() -> int:
         print(f"dev        | API key for this run: {env['API_KEYS'][4:]}", flush=True)
     consumers = int(env.get("CONSUMERS", "2"))
     await ensure_database(env["DATABASE_URL"])
+    accounts = await service_accounts(env)
+    try:
+        return await run(env, consumers, accounts)
+    finally:
+        await remove_accounts(env, accounts)
+
+
+async def run(env: dict[str, str], consumers: int, accounts: dict[str, dict[str, str]]) -> int:
     setup = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.setup", env=env)
     if await setup.wait():
         return 1
 
-    named = {"producer": await start("producer", "producer", env)}
+    named = {"producer": await start("producer", "producer", {**env, **accounts["producer"]})}
     for i in range(1, consumers + 1):
         name = f"consumer-{i}"
         metrics = {"CONSUMER_NAME": name, "METRICS_PORT": str(METRICS_PORT + i)}
-        named[name] = await start(name, "consumer", {**env, **metrics})
+        named[name] = await start(name, "consumer", {**env, **accounts["consumer"], **metrics})
     relays = [asyncio.create_task(relay(n, p.stdout)) for n, p in named.items() if p.stdout]
 
     stop = asyncio.Event()

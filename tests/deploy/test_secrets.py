@@ -30,9 +30,11 @@ SECRETS = {
 # Where a match is not a secret, and why.
 ALLOWED = {
     "tests/integration/processes.py": "the test producers' key, for tests only",
+    "tests/deploy/test_secrets.py": "the samples the scan must find",
 }
-# The local-development broker's default account, and the only places it may be named.
-GUEST = re.compile(r"guest")
+# The local-development broker's default account used as a credential (in a URL, as a user
+# setting, as a quoted user name), and the only places that may do so.
+GUEST = re.compile(r"guest:guest|(?i:default_user|default_pass)\W+guest|[\"']guest[\"']")
 GUEST_ALLOWED = (
     ".ci/run",  # CI's own local broker
     ".env.example",  # shows the default of RABBITMQ_URL
@@ -95,6 +97,9 @@ def test_the_scan_finds_what_it_looks_for() -> None:
         assert SECRETS[kind].search(sample), kind
     assert not SECRETS["credentials in a URL"].search("amqp://guest:guest@127.0.0.1:5672/")
     assert not SECRETS["password or key assigned a literal"].search('PASSWORD = "change-me"')
+    for credential in ("amqp://guest:guest@host/", "RABBITMQ_DEFAULT_USER: guest", "user='guest'"):
+        assert GUEST.search(credential), credential
+    assert not GUEST.search("a node that loads definitions creates no guest user")
 
 
 def test_make_up_secrets_cover_compose_and_keep_what_exists(tmp_path: Path) -> None:

@@ -70,6 +70,9 @@ async def test_crawl_finds_exactly_the_reachable_pages_each_fetched_once(
     assert set(site.hits) == set(expected) - {"/private/secret"}
     assert {p: n for p, n in site.hits.items() if n != 1} == {"/flaky": 3}
     assert view["queued"] == view["cancelled"] == 0
+    late = await api.delete(f"/crawls/{crawl_id}")
+    assert late.status_code == 409  # a completed crawl has nothing left to cancel
+    assert late.json()["type"] == "/problems/conflict"
     assert view["fetched"] + view["failed"] + view["blocked"] == len(pages)
 
     by_path = {path: pages[site.url(path)] for path in expected}

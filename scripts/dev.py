@@ -65,7 +65,6 @@ async def service_accounts(env: dict[str, str]) -> dict[str, dict[str, str]]:
     local_broker = shutil.which("rabbitmqctl") and amqp.host in ("127.0.0.1", "localhost")
     for role in ("producer", "consumer"):
         db_user, db_password = f"orders_{role}_{tag.replace('-', '_')}", secrets.token_hex(16)
-        env[f"{role.upper()}_DB_USER"], env[f"{role.upper()}_DB_PASSWORD"] = db_user, db_password
         accounts[role] = {
             "DATABASE_URL": str(database.with_user(db_user).with_password(db_password))
         }
@@ -133,7 +132,16 @@ async def main() -> int:
 
 
 async def run(env: dict[str, str], consumers: int, accounts: dict[str, dict[str, str]]) -> int:
-    setup = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.setup", env=env)
+    roles = {}  # setup makes each service's database role from its URL
+    for role, account in accounts.items():
+        url = URL(account["DATABASE_URL"])
+        roles |= {
+            f"{role.upper()}_DB_USER": url.user or "",
+            f"{role.upper()}_DB_PASSWORD": url.password or "",
+        }
+    setup = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.setup", env={**env, **roles}
+    )
     if await setup.wait():
         return 1
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -102,12 +103,18 @@ def test_the_scan_finds_what_it_looks_for() -> None:
     assert not GUEST.search("a node that loads definitions creates no guest user")
 
 
-def test_make_up_secrets_cover_compose_and_keep_what_exists(tmp_path: Path) -> None:
+def load_make_secrets() -> ModuleType:
+    """scripts/make_secrets.py, which is a script, not a package module."""
     spec = importlib.util.spec_from_file_location("make_secrets", ROOT / "scripts/make_secrets.py")
     assert spec is not None
     assert spec.loader is not None
-    local_secrets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(local_secrets)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_up_secrets_cover_compose_and_keep_what_exists(tmp_path: Path) -> None:
+    local_secrets = load_make_secrets()
 
     made = local_secrets.ensure(tmp_path)
     assert set(made) == {*local_secrets.PASSWORDS, "api-keys"}

@@ -2,14 +2,12 @@
 nothing more. Each test makes its own vhost, users and roles, and removes them afterwards."""
 
 import asyncio
-import importlib.util
 import secrets
 import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aio_pika
 import aiormq
@@ -22,12 +20,12 @@ from consumer.worker import serve
 from producer.app import create_app
 from shared import setup, topology
 from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings
+from tests.deploy.test_secrets import load_make_secrets
 from tests.faults.nodes import RabbitNode
 from tests.integration.conftest import set_stock, settled, submit, wait_until
 from tests.integration.processes import API_KEY, AUTH
 from tests.integration.site import tree
 
-ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("producer", "consumer")
 
 
@@ -309,11 +307,7 @@ async def test_services_read_secrets_from_files_and_never_log_them(
 
 async def test_the_generated_definitions_make_the_users_and_no_guest(tmp_path) -> None:
     """What ``make up`` gives RabbitMQ, loaded at boot by a node of the test's own."""
-    spec = importlib.util.spec_from_file_location("make_secrets", ROOT / "scripts/make_secrets.py")
-    assert spec is not None
-    assert spec.loader is not None
-    make_secrets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_secrets)
+    make_secrets = load_make_secrets()
 
     node = RabbitNode()
     make_secrets.ensure(node.dir / "secrets")

@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.fetcher import Fetcher, Page
 from consumer.metrics import Metrics
-from shared import messages, topology, urls
+from shared import db, messages, topology, urls
 from shared.db import CrawlStatus, PageStatus
 from shared.errors import InvalidMessage, PermanentError, TransientError
 from shared.messages import Frontier
@@ -159,7 +159,7 @@ class CrawlHandler:
             if crawl["status"] == CrawlStatus.RUNNING and links:
                 start = (page_id, stored["depth"], stored["redirects"], links, page.redirect)
                 if await _follow(conn, crawl_id, crawl, start):
-                    await conn.execute("SELECT pg_notify('outbox', '')")  # wake the relay
+                    await conn.execute("SELECT pg_notify($1, '')", db.OUTBOX_CHANNEL)
             await conn.execute(CLOSE_IF_DONE, crawl_id)
         return str(status)
 

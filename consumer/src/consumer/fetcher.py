@@ -10,7 +10,6 @@
 """
 
 import asyncio
-import ipaddress
 import socket
 import time
 import urllib.robotparser
@@ -121,8 +120,8 @@ class Fetcher:
     async def _get(self, url: str, crawl_delay: float) -> AsyncIterator[aiohttp.ClientResponse]:
         """A GET with the address policy and politeness applied."""
         host = urls.host_of(url)
-        if _is_literal(host):  # aiohttp connects to these without asking the resolver
-            urls.check_addresses(host, [host.strip("[]")], self.allowed_private)
+        if (literal := urls.ip_literal(host)) is not None:  # aiohttp does not resolve these
+            urls.check_addresses(host, [literal], self.allowed_private)
         assert self._session is not None
         async with self._polite(urlsplit(url).netloc, crawl_delay):
             try:
@@ -218,14 +217,6 @@ def parse(body: bytes, charset: str, url: str) -> tuple[str | None, list[str], i
     hrefs = [a.attributes.get("href") or "" for a in tree.css("a[href]")]
     found = (urls.normalise(h, base or url) for h in hrefs)
     return title, list(dict.fromkeys(u for u in found if u is not None)), len(hrefs)
-
-
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _name(exc: BaseException) -> str:

@@ -132,7 +132,8 @@ def _digest(order: NewOrder) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-def _key_reused() -> Problem:
+def key_reused() -> Problem:
+    """An Idempotency-Key sent again with another body (orders and crawls alike)."""
     return Problem(
         422,
         "Idempotency-Key reused",
@@ -180,7 +181,7 @@ async def submit_order(
         )
         assert row is not None
         if row["request_hash"] != digest:
-            raise _key_reused()
+            raise key_reused()
     else:
         relay.wake()
         request.app.state.metrics.accepted.labels("single").inc()
@@ -250,7 +251,7 @@ async def submit_batch(batch: Batch, request: Request, pool: PoolDep, relay: Rel
                 continue
             row = earlier[order.idempotency_key]
             if row["request_hash"] != digest:
-                raise _key_reused()  # rolls the whole batch back
+                raise key_reused()  # rolls the whole batch back
             items.append(
                 BatchItem(
                     id=row["id"],

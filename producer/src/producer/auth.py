@@ -103,5 +103,4 @@ async def require_key(request: Request) -> str:
             "/problems/rate-limited",
             headers={"Retry-After": str(math.ceil(wait))},
         )
-    request.state.api_key = name
     return name

@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer.api import IdempotencyKey, PoolDep, RelayDep
+from producer.api import IdempotencyKey, PoolDep, RelayDep, key_reused
 from producer.problems import Problem
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
@@ -176,17 +176,11 @@ async def start_crawl(
         crawl_id = await pool.fetchval(
             "SELECT id FROM crawls WHERE idempotency_key = $1", idempotency_key
         )
-        view, earlier = await _view(pool, crawl_id)
-        if earlier != digest:
-            raise Problem(
-                422,
-                "Idempotency-Key reused",
-                "This Idempotency-Key was already used with a different request body.",
-                "/problems/idempotency-key-reused",
-            )
     else:
         relay.wake()
-        view, _ = await _view(pool, crawl_id)
+    view, earlier = await _view(pool, crawl_id)
+    if idempotency_key and earlier != digest:
+        raise key_reused()
     response.headers["Location"] = f"/crawls/{crawl_id}"
     return view
 

@@ -22,13 +22,11 @@ from aio_pika import Message
 from aio_pika.abc import AbstractExchange, AbstractQueue
 
 from producer.metrics import Metrics
-from shared import amqp, topology
+from shared import amqp, db, topology
 from shared.messages import CrawlTask, OrderMessage, encode, encode_task
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
-
-CHANNEL = "outbox"  # NOTIFY outbox: rows were committed elsewhere, publish now
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ class Relay:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-                await conn.add_listener(CHANNEL, lambda *_: self.wake())
+                await conn.add_listener(db.OUTBOX_CHANNEL, lambda *_: self.wake())
                 while not conn.is_closed() and not self._stopping.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), 5)

@@ -48,7 +48,8 @@ class PageStatus(StrEnum):
     CANCELLED = "cancelled"  # still queued when its crawl was cancelled
 
 
-OPEN_PAGES = (PageStatus.QUEUED, PageStatus.FETCHING)
+# NOTIFY on this channel: outbox rows were committed, the producer's relay should publish now.
+OUTBOX_CHANNEL = "outbox"
 
 # Append only: each entry runs once, in order, under an advisory lock.
 MIGRATIONS: tuple[str, ...] = (

@@ -56,12 +56,18 @@ def parse_hosts(value: str) -> frozenset[str]:
     return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
 
 
+def ip_literal(host: str) -> str | None:
+    """The address ``host`` spells (``[::1]`` too), or None when it is a name."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
 async def resolve(host: str, port: int = 0) -> list[str]:
     """Every address ``host`` resolves to (the host itself when it is an IP literal)."""
-    try:
-        return [str(ipaddress.ip_address(host.strip("[]")))]
-    except ValueError:
-        pass
+    if (literal := ip_literal(host)) is not None:
+        return [literal]
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )

@@ -8,12 +8,15 @@ serialised on the order's row lock, so stock is never reserved twice.
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 from enum import StrEnum
 from uuid import UUID
 
 import asyncpg
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.batch import Batcher
 from consumer.metrics import Metrics
 from shared import messages, topology
 from shared.errors import PaymentUnavailable, PermanentError
@@ -27,15 +30,19 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # already final: acked with no effect
 
 
-# Also creates the order when another AMQP client published it straight to the exchange.
+# Also creates the order when another AMQP client published it straight to the exchange. One
+# statement for a whole batch, its rows in id order so that batches never deadlock.
 START = """
     INSERT INTO orders (id, customer_id, items, priority, status, attempts)
-    VALUES ($1, $2, $3, $4, 'processing', 1)
+    SELECT id, customer_id, items::jsonb, priority, 'processing', 1
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[])
+           AS n (id, customer_id, items, priority)
+     ORDER BY id
     ON CONFLICT (id) DO UPDATE
         SET status = 'processing', attempts = orders.attempts + 1,
             next_attempt_at = NULL, updated_at = clock_timestamp()
         WHERE orders.status NOT IN ('completed', 'rejected', 'failed')
-    RETURNING attempts
+    RETURNING id, attempts
 """
 
 
@@ -49,12 +56,25 @@ class OrderHandler:
         self.pool, self.settings, self.metrics = pool, settings, metrics
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
+        # The runners' statements go to PostgreSQL in batches: two commits per batch, not per
+        # order (consumer/batch.py).
+        self.start = Batcher(self._start, key=_id)
+        self.reserve = Batcher(self._reserve, key=_id)
 
     def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
         return Frontier.PRIORITY, -(message.priority or 0)
 
     async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
-        return await process(self.pool, messages.decode(message), attempt, self.settings)
+        """Run one attempt of an order; raises on a transient failure."""
+        order = messages.decode(message)
+        started = await self.start(order)
+        if started is None:
+            return Outcome.DUPLICATE
+        if started > 2 * self.max_attempts:
+            # Redeliveries after crashes do not pass through the retry path; this bounds them.
+            raise PermanentError(f"started {started - 1} times without settling (crash loop?)")
+        await external_work(order.id, attempt, self.settings)
+        return await self.reserve(order)
 
     async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
         if (order_id := messages.order_id_of(message)) is not None:
@@ -64,20 +84,46 @@ class OrderHandler:
         if (order_id := messages.order_id_of(message)) is not None:
             await mark_failed(self.pool, order_id, error)
 
+    async def _start(self, orders: Sequence[OrderMessage]) -> list[int | None]:
+        """Record an attempt of each order: its attempt count, or None if it is already final."""
+        rows = await self.pool.fetch(
+            START,
+            [o.id for o in orders],
+            [o.customer_id for o in orders],
+            [orjson.dumps([item.model_dump() for item in o.items]).decode() for o in orders],
+            [o.priority for o in orders],
+        )
+        attempts = {row["id"]: row["attempts"] for row in rows}
+        return [attempts.get(o.id) for o in orders]
 
-async def process(
-    pool: asyncpg.Pool, order: OrderMessage, attempt: int, settings: ConsumerSettings
-) -> Outcome:
-    """Run one attempt of an order; raises on a transient failure."""
-    items = [item.model_dump() for item in order.items]
-    started = await pool.fetchval(START, order.id, order.customer_id, items, order.priority)
-    if started is None:
-        return Outcome.DUPLICATE
-    if started > 2 * settings.max_attempts:
-        # Redeliveries after crashes do not pass through the retry path; this bounds them too.
-        raise PermanentError(f"started {started - 1} times without settling (crash loop?)")
-    await external_work(order.id, attempt, settings)
-    return await reserve(pool, order, settings.consumer_name)
+    async def _reserve(self, orders: Sequence[OrderMessage]) -> list[Outcome]:
+        """Reserve every line of each order or none, and mark it final, in one transaction.
+
+        ``reserve_order`` (shared/db.py) locks the order's row and its stock rows, and either
+        reserves everything and marks the order completed, or marks it rejected with the lines
+        that are short. An order already final is left alone: that is what makes a redelivery
+        harmless. ``reserve_orders`` takes every lock of the batch first, in key order.
+        """
+        ids: list[UUID] = []
+        skus: list[str] = []
+        quantities: list[int] = []
+        for order in orders:
+            wanted = Counter[str]()
+            for item in order.items:
+                wanted[item.sku] += item.quantity
+            for sku, quantity in wanted.items():
+                ids.append(order.id)
+                skus.append(sku)
+                quantities.append(quantity)
+        rows = await self.pool.fetch(
+            "SELECT reserved, outcome FROM reserve_orders($1, $2, $3, $4)",
+            ids,
+            skus,
+            quantities,
+            self.settings.consumer_name,
+        )
+        outcomes = {row["reserved"]: Outcome(row["outcome"]) for row in rows}
+        return [outcomes[o.id] for o in orders]
 
 
 async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings) -> None:
@@ -90,22 +136,8 @@ async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings
         raise PaymentUnavailable(f"payment gateway unavailable (simulated) for order {order_id}")
 
 
-async def reserve(pool: asyncpg.Pool, order: OrderMessage, consumer: str) -> Outcome:
-    """Reserve every line or none and mark the order final, in one transaction.
-
-    ``reserve_order`` (shared/db.py) locks the order's row, then the stock rows in SKU order,
-    and either reserves everything and marks the order completed, or marks it rejected with the
-    lines that are short. An order already final is left alone: that is what makes a
-    redelivery harmless.
-    """
-    wanted = Counter[str]()
-    for item in order.items:
-        wanted[item.sku] += item.quantity
-    skus = sorted(wanted)
-    result = await pool.fetchval(
-        "SELECT reserve_order($1, $2, $3, $4)", order.id, skus, [wanted[s] for s in skus], consumer
-    )
-    return Outcome(result)
+def _id(order: OrderMessage) -> UUID:
+    return order.id
 
 
 async def mark_retrying(pool: asyncpg.Pool, order_id: UUID, error: str, delay_ms: int) -> None:

@@ -184,6 +184,53 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX crawl_pages_unpublished ON crawl_pages (seq) WHERE unpublished;
     CREATE INDEX crawl_pages_open ON crawl_pages (crawl_id) WHERE status IN ('queued', 'fetching');
     """,
+    # Group commit (consumer/batch.py): many orders' reservations in one transaction. Every
+    # lock is taken up front, the orders' rows then the stock rows, each in key order, so two
+    # batches never deadlock. When every order is still open and the stock covers the whole
+    # batch (the usual case), all of them complete in three set-based statements: the outcome
+    # ``reserve_order`` would give each in turn. Otherwise each order runs ``reserve_order`` in
+    # batch order. The lines come flattened: ``p_orders[i]`` wants ``p_quantities[i]`` of
+    # ``p_skus[i]``, one line per order and SKU.
+    """
+    CREATE FUNCTION reserve_orders(p_orders uuid[], p_skus text[], p_quantities int[], p_by text)
+    RETURNS TABLE (reserved uuid, outcome text) LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM orders WHERE id = ANY (p_orders) ORDER BY id FOR UPDATE;
+        PERFORM 1 FROM inventory WHERE sku = ANY (p_skus) ORDER BY sku FOR UPDATE;
+        IF (SELECT count(*) FROM orders WHERE id = ANY (p_orders)
+                AND status NOT IN ('completed', 'rejected', 'failed'))
+           = (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o)
+           AND NOT EXISTS (
+               SELECT 1 FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
+               LEFT JOIN inventory i ON i.sku = l.sku
+               GROUP BY l.sku, i.sku, i.available
+               HAVING i.sku IS NULL OR i.available < sum(l.quantity))
+        THEN
+            UPDATE inventory i SET available = i.available - d.wanted,
+                                   updated_at = clock_timestamp()
+              FROM (SELECT l.sku, sum(l.quantity) AS wanted
+                      FROM unnest(p_skus, p_quantities) AS l (sku, quantity) GROUP BY l.sku) d
+             WHERE i.sku = d.sku;
+            INSERT INTO reservations (order_id, sku, quantity)
+            SELECT * FROM unnest(p_orders, p_skus, p_quantities);
+            RETURN QUERY
+            UPDATE orders SET status = 'completed', reason = NULL, processed_by = p_by,
+                              completed_at = clock_timestamp(), updated_at = clock_timestamp()
+             WHERE id = ANY (p_orders)
+            RETURNING id, 'completed'::text;
+            RETURN;
+        END IF;
+        FOR reserved IN SELECT DISTINCT unnest(p_orders) LOOP
+            SELECT reserve_order(reserved, array_agg(l.sku ORDER BY l.sku),
+                                 array_agg(l.quantity ORDER BY l.sku), p_by)
+              INTO outcome
+              FROM unnest(p_orders, p_skus, p_quantities) AS l (id, sku, quantity)
+             WHERE l.id = reserved;
+            RETURN NEXT;
+        END LOOP;
+    END
+    $$
+    """,
 )
 
 _MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service
@@ -208,6 +255,7 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT, INSERT, UPDATE ON crawl_pages",
         "USAGE ON SEQUENCE crawl_pages_seq_seq, crawl_visits",
         "EXECUTE ON FUNCTION reserve_order(uuid, text[], int[], text)",
+        "EXECUTE ON FUNCTION reserve_orders(uuid[], text[], int[], text)",
         "SELECT ON schema_version",
     ),
 }

@@ -168,6 +168,49 @@ async def test_repeated_and_concurrent_posts_with_one_key_make_one_order(
     assert await conn.fetchval("SELECT count(*) FROM orders") == 1
 
 
+async def test_concurrent_posts_share_one_statement_and_each_gets_its_own_order(
+    api: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    submit = api.app.state.submit  # type: ignore[attr-defined]
+    sizes: list[int] = []
+    store = submit.run
+
+    async def recorded(batch: Any) -> Any:
+        sizes.append(len(batch))
+        return await store(batch)
+
+    submit.run = recorded
+    posts = [api.post("/orders", json=order(customer_id=f"c-{n}")) for n in range(40)]
+    posts += [
+        api.post("/orders", json=order(customer_id=f"k-{n}"), headers={"Idempotency-Key": f"k{n}"})
+        for n in range(20)
+    ]
+    # The same keys again, half with the same body and half with another one.
+    posts += [
+        api.post(
+            "/orders",
+            json=order(customer_id=f"k-{n}", priority=0 if n % 2 else 5),
+            headers={"Idempotency-Key": f"k{n}"},
+        )
+        for n in range(20)
+    ]
+    responses = await asyncio.gather(*posts)
+
+    assert max(sizes) > 1  # they shared statements
+    codes = [r.status_code for r in responses]
+    assert codes[:60] + codes[61::2] == [202] * 70
+    assert codes[60::2] == [422] * 10
+    assert [r.json()["customer_id"] for r in responses[:60]] == [
+        *(f"c-{n}" for n in range(40)),
+        *(f"k-{n}" for n in range(20)),
+    ]
+    assert [r.json()["id"] for r in responses[61::2]] == [
+        r.json()["id"] for r in responses[41:60:2]
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 60
+    assert await conn.fetchval("SELECT count(*) FROM outbox") <= 60
+
+
 async def test_inventory_can_be_set_and_read(api: httpx.AsyncClient) -> None:
     put = await api.put("/inventory/NEW-1", json={"available": 42})
     assert put.status_code == 200

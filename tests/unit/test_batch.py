@@ -1,4 +1,4 @@
-"""consumer/batch.py: who shares a batch, and who fails when a batch fails."""
+"""shared/batch.py: who shares a batch, and who fails when a batch fails."""
 
 import asyncio
 from collections.abc import Sequence
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from consumer.batch import Batcher
+from shared.batch import Batcher
 
 
 class Recorder:

@@ -16,9 +16,9 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumer.batch import Batcher
 from consumer.metrics import Metrics
 from shared import messages, topology
+from shared.batch import Batcher
 from shared.errors import PaymentUnavailable, PermanentError
 from shared.messages import Frontier, OrderMessage
 from shared.settings import ConsumerSettings
@@ -57,7 +57,7 @@ class OrderHandler:
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
         # The runners' statements go to PostgreSQL in batches: two commits per batch, not per
-        # order (consumer/batch.py).
+        # order (shared/batch.py).
         self.start = Batcher(self._start, key=_id)
         self.reserve = Batcher(self._reserve, key=_id)
 

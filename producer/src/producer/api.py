@@ -2,7 +2,10 @@
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
@@ -13,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from producer.outbox import Relay
 from producer.problems import UNAVAILABLE, Problem
+from shared.batch import Batcher
 from shared.db import Status
 from shared.messages import Item, NewOrder, Sku
 
@@ -95,11 +99,17 @@ class StockView(StockLevel):
 ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, next_attempt_at,
                    created_at, updated_at, completed_at, processed_by"""
 
-# One statement, so one atomic step: the order and its outbox row exist together or not at all.
+# One statement, so one atomic step: each order and its outbox row exist together or not at
+# all. The single-order requests in flight share it (group commit, shared/batch.py): keys in
+# order, so that two producers' statements never deadlock on them, and of two requests with one
+# key, the first to arrive makes the order.
 SUBMIT = f"""
     WITH new AS (
         INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
-        VALUES ($1, $2, $3, $4, 'accepted', $5, $6)
+        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash
+          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[])
+               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, arrival)
+         ORDER BY key, arrival
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING {ORDER_COLUMNS}
     ), queued AS (
@@ -107,6 +117,43 @@ SUBMIT = f"""
     )
     SELECT * FROM new
 """
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One ``POST /orders`` for the shared statement."""
+
+    id: UUID
+    order: NewOrder
+    key: str | None
+    digest: bytes | None
+
+
+def submitter(pool: asyncpg.Pool) -> Batcher[Submission, asyncpg.Record | None]:
+    """Stores submissions in batches; a request gets its row, or None if its key was used."""
+
+    async def store(batch: Sequence[Submission]) -> list[asyncpg.Record | None]:
+        rows = await pool.fetch(
+            SUBMIT,
+            [s.id for s in batch],
+            [s.order.customer_id for s in batch],
+            [orjson.dumps([i.model_dump() for i in s.order.items]).decode() for s in batch],
+            [s.order.priority for s in batch],
+            [s.key for s in batch],
+            [s.digest for s in batch],
+        )
+        stored = {row["id"]: row for row in rows}
+        return [stored.get(s.id) for s in batch]
+
+    return Batcher(store, key=attrgetter("id"))
+
+
+async def _submit(request: Request) -> Batcher[Submission, asyncpg.Record | None]:
+    submit: Batcher[Submission, asyncpg.Record | None] = request.app.state.submit
+    return submit
+
+
+SubmitDep = Annotated[Batcher[Submission, asyncpg.Record | None], Depends(_submit)]
 
 
 # The whole batch in one statement; keys that already exist are resolved afterwards.
@@ -163,17 +210,15 @@ async def submit_order(
     request: Request,
     response: Response,
     pool: PoolDep,
+    submit: SubmitDep,
     relay: RelayDep,
     idempotency_key: IdempotencyKey = None,
 ) -> OrderView:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
     _refuse_when_overloaded(relay)
     digest = _digest(order)
-    items = [item.model_dump() for item in order.items]
     key_hash = digest if idempotency_key else None
-    row = await pool.fetchrow(
-        SUBMIT, uuid4(), order.customer_id, items, order.priority, idempotency_key, key_hash
-    )
+    row = await submit(Submission(uuid4(), order, idempotency_key, key_hash))
     if row is None:  # the key was used before
         row = await pool.fetchrow(
             f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1",

@@ -43,6 +43,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
             relay = Relay(pool, settings, metrics)
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             app.state.pool, app.state.relay = pool, relay
+            app.state.submit = api.submitter(pool)
             try:
                 yield
             finally:

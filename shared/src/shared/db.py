@@ -184,7 +184,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX crawl_pages_unpublished ON crawl_pages (seq) WHERE unpublished;
     CREATE INDEX crawl_pages_open ON crawl_pages (crawl_id) WHERE status IN ('queued', 'fetching');
     """,
-    # Group commit (consumer/batch.py): many orders' reservations in one transaction. Every
+    # Group commit (shared/batch.py): many orders' reservations in one transaction. Every
     # lock is taken up front, the orders' rows then the stock rows, each in key order, so two
     # batches never deadlock. When every order is still open and the stock covers the whole
     # batch (the usual case), all of them complete in three set-based statements: the outcome

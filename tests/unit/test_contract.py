@@ -7,6 +7,7 @@ import aio_pika
 import orjson
 import pytest
 from aiormq.abc import DeliveredMessage
+from asyncpg.pgproto import pgproto
 from pamqp import commands
 from pamqp.common import FieldTable
 
@@ -51,6 +52,19 @@ def test_encode_sets_every_property_the_contract_names() -> None:
     assert message.type == "order.created"
     assert message.headers == {"attempt": 1}
     assert orjson.loads(message.body)["version"] == 1
+
+
+def test_a_stored_order_is_encoded_exactly_as_the_model() -> None:
+    # As the relay reads it from PostgreSQL: asyncpg's UUID, the items as the jsonb codec gives.
+    row = {
+        "id": pgproto.UUID(str(ORDER.id)),
+        "customer_id": ORDER.customer_id,
+        "items": orjson.loads(orjson.dumps([i.model_dump() for i in ORDER.items])),
+        "priority": ORDER.priority,
+    }
+    stored, model = messages.encode_stored(row), messages.encode(ORDER)
+    assert stored.body == model.body
+    assert stored.properties == model.properties
 
 
 def test_decode_round_trips() -> None:

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractExchange, AbstractQueue
 
 from producer.metrics import Metrics
 from shared import amqp, db, topology
-from shared.messages import CrawlTask, OrderMessage, encode, encode_task
+from shared.messages import CrawlTask, encode_stored, encode_task
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ ORDERS = Source(
        ORDER BY b.priority DESC, b.seq
        LIMIT $1
        FOR UPDATE OF b SKIP LOCKED""",
-    lambda row: encode(OrderMessage.model_validate(row)),
+    encode_stored,
     "DELETE FROM outbox WHERE order_id = ANY($1::uuid[])",
 )
 # In the order pages were found: a FIFO crawl's tasks reach the broker breadth-first.
@@ -62,6 +62,7 @@ CRAWL_TASKS = Source(
     "UPDATE crawl_pages SET unpublished = false WHERE id = ANY($1::uuid[])",
 )
 SOURCES = (ORDERS, CRAWL_TASKS)
+ROUNDS = 2  # in flight at once: one publishes while the other commits and claims
 
 
 class Relay:
@@ -158,12 +159,28 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
-    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> int:
-        """One round over every source: claim, publish, forget what was confirmed.
+    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> None:
+        """Claim, publish and forget rows until a round comes back short.
 
-        Returns the most rows confirmed from one source (``relay_batch``: there may be more).
+        ``ROUNDS`` rounds run at once, each claiming its own rows (``SKIP LOCKED``) in its own
+        transaction, so the broker has confirms outstanding while one round commits and the
+        next claims. The first failure stops every round after its current one, and is raised.
         """
-        return max([await self._publish(source, exchanges) for source in SOURCES])
+        failures: list[Exception] = []
+
+        async def rounds() -> None:
+            while not failures:
+                try:
+                    confirmed = [await self._publish(source, exchanges) for source in SOURCES]
+                except Exception as exc:
+                    failures.append(exc)
+                    return
+                if max(confirmed) < self._settings.relay_batch:
+                    return
+
+        await asyncio.gather(*(rounds() for _ in range(ROUNDS)))
+        if failures:
+            raise failures[0]
 
     async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> int:
         failure: BaseException | None = None
@@ -220,7 +237,7 @@ class Relay:
                         raise ConnectionError("broker connection lost")
                     self._wake.clear()
                     try:
-                        published = await self.publish_pending(exchanges)
+                        await self.publish_pending(exchanges)
                     except Exception as exc:
                         if lost.done():
                             raise
@@ -232,8 +249,7 @@ class Relay:
                         await self._sleep(backoff, lost, self._stopping)
                         continue
                     failures = 0
-                    if published < self._settings.relay_batch:
-                        await self._sleep(interval, lost, self._wake)
+                    await self._sleep(interval, lost, self._wake)
             finally:
                 lost.cancel()
 

@@ -61,7 +61,7 @@ class ProducerSettings(Settings):
     port: int = 8000
     max_body_bytes: int = Field(1_048_576, gt=0)
     db_pool_size: int = Field(10, ge=1)
-    relay_batch: int = Field(500, ge=1, description="outbox rows published per round")
+    relay_batch: int = Field(1000, ge=1, description="outbox rows published per round")
     relay_interval: float = Field(1.0, gt=0, description="seconds between outbox sweeps")
     max_outbox: int = Field(100_000, ge=1, description="unpublished orders before 503")
     max_queue_depth: int = Field(500_000, ge=1, description="queued orders before 503")

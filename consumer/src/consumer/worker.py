@@ -9,7 +9,8 @@
 One worker runs one handler per lane (orders, crawl tasks): each lane has its own channel,
 prefetch, window (consumer/window.py) and runners, and every lane gets the same settling rules.
 Every move to another queue is a confirmed publish *before* the ack, so a crash in between
-duplicates a message (harmless) instead of losing one.
+duplicates a message (harmless) instead of losing one. Acks settled together share one frame
+(consumer/acks.py).
 """
 
 import asyncio
@@ -30,6 +31,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import CollectorRegistry, start_http_server
 
+from consumer.acks import Acks
 from consumer.crawler import CrawlHandler
 from consumer.fetcher import Fetcher
 from consumer.metrics import Metrics
@@ -85,6 +87,7 @@ class _Lane:
     retry: AbstractExchange
     dead: AbstractExchange
     window: Window = field(default_factory=Window)
+    acks: Acks = field(default_factory=Acks)
     tag: str = ""
     busy: int = 0  # deliveries being handled now
 
@@ -174,6 +177,7 @@ class Worker:
 
     def _receiver(self, lane: _Lane) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def receive(message: AbstractIncomingMessage) -> None:
+            lane.acks.delivered(message)
             if lane.window.closed:
                 await _requeue(lane, message)
             else:
@@ -217,7 +221,7 @@ class Worker:
             else:
                 await self._retry_later(lane, message, exc, attempt)
         else:
-            await message.ack()
+            await lane.acks.ack(message)
             handler.metrics.processed.labels(outcome).inc()
             log.info("%s %s %s (attempt %d)", handler.noun, message.message_id, outcome, attempt)
 
@@ -238,7 +242,7 @@ class Worker:
         await _best_effort(lane.handler.retrying(message, error, delay))
         headers = {messages.ATTEMPT: attempt + 1, **_failure_headers(message, exc)}
         lane.handler.metrics.retries.inc()
-        await self._move(message, lane.retry, headers, topology.delay_name(delay))
+        await self._move(lane, message, lane.retry, headers, topology.delay_name(delay))
 
     async def _dead_letter(
         self,
@@ -259,10 +263,11 @@ class Worker:
         await _best_effort(lane.handler.failed(message, error))
         headers = {messages.ATTEMPT: attempt, **_failure_headers(message, exc)}
         lane.handler.metrics.dead_lettered.labels(reason).inc()
-        await self._move(message, lane.dead, headers, "")
+        await self._move(lane, message, lane.dead, headers, "")
 
     async def _move(
         self,
+        lane: _Lane,
         message: AbstractIncomingMessage,
         exchange: AbstractExchange,
         headers: dict[str, object],
@@ -281,16 +286,16 @@ class Worker:
                 "could not move message %s to %s; requeueing it", message.message_id, exchange.name
             )
             await asyncio.sleep(1)  # no hot loop while the broker is in trouble
-            await message.nack(requeue=True)
+            await lane.acks.requeue(message)
             return
-        await message.ack()
+        await lane.acks.ack(message)
 
 
 async def _requeue(lane: _Lane, message: AbstractIncomingMessage) -> None:
     """Give a delivery back at once; never leave one unacked on a live channel."""
-    if not message.processed and not lane.channel.is_closed:
+    if not lane.channel.is_closed:
         with contextlib.suppress(Exception):  # a closed channel requeues it anyway
-            await message.nack(requeue=True)
+            await lane.acks.requeue(message)
 
 
 async def _best_effort(update: Awaitable[None]) -> None:

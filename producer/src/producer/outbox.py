@@ -62,7 +62,7 @@ CRAWL_TASKS = Source(
     "UPDATE crawl_pages SET unpublished = false WHERE id = ANY($1::uuid[])",
 )
 SOURCES = (ORDERS, CRAWL_TASKS)
-ROUNDS = 2  # in flight at once: one publishes while the other commits and claims
+PUBLISHERS = 2  # rounds in flight at once
 
 
 class Relay:
@@ -159,28 +159,12 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
-    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> None:
-        """Claim, publish and forget rows until a round comes back short.
+    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> int:
+        """One round over every source: claim, publish, forget what was confirmed.
 
-        ``ROUNDS`` rounds run at once, each claiming its own rows (``SKIP LOCKED``) in its own
-        transaction, so the broker has confirms outstanding while one round commits and the
-        next claims. The first failure stops every round after its current one, and is raised.
+        Returns the most rows confirmed from one source (``relay_batch``: there may be more).
         """
-        failures: list[Exception] = []
-
-        async def rounds() -> None:
-            while not failures:
-                try:
-                    confirmed = [await self._publish(source, exchanges) for source in SOURCES]
-                except Exception as exc:
-                    failures.append(exc)
-                    return
-                if max(confirmed) < self._settings.relay_batch:
-                    return
-
-        await asyncio.gather(*(rounds() for _ in range(ROUNDS)))
-        if failures:
-            raise failures[0]
+        return max([await self._publish(source, exchanges) for source in SOURCES])
 
     async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> int:
         failure: BaseException | None = None
@@ -230,28 +214,43 @@ class Relay:
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
-            interval, failures = self._settings.relay_interval, 0
             try:
-                while not self._stopping.is_set():
-                    if lost.done():
-                        raise ConnectionError("broker connection lost")
-                    self._wake.clear()
-                    try:
-                        await self.publish_pending(exchanges)
-                    except Exception as exc:
-                        if lost.done():
-                            raise
-                        failures += 1
-                        backoff = min(interval * 2**failures, 10.0)
-                        log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)
-                        # New orders do not cut this short: the rows in doubt would only be
-                        # published again, piling up copies while the broker is blocked.
-                        await self._sleep(backoff, lost, self._stopping)
-                        continue
-                    failures = 0
-                    await self._sleep(interval, lost, self._wake)
+                # Each publisher claims its own rows (SKIP LOCKED) in its own transaction: one
+                # publishes while another waits for its confirms, commits or claims.
+                ended = await asyncio.gather(
+                    *(self._publisher(exchanges, lost) for _ in range(PUBLISHERS)),
+                    return_exceptions=True,
+                )
             finally:
                 lost.cancel()
+            for end in ended:
+                if isinstance(end, BaseException):
+                    raise end
+
+    async def _publisher(
+        self, exchanges: dict[str, AbstractExchange], lost: "asyncio.Future[None]"
+    ) -> None:
+        """Publish rounds while rows are committed, until ``stop`` or the connection is lost."""
+        interval, failures = self._settings.relay_interval, 0
+        while not self._stopping.is_set():
+            if lost.done():
+                raise ConnectionError("broker connection lost")
+            self._wake.clear()  # whatever is committed from now on wakes a publisher again
+            try:
+                published = await self.publish_pending(exchanges)
+            except Exception as exc:
+                if lost.done():
+                    raise
+                failures += 1
+                backoff = min(interval * 2**failures, 10.0)
+                log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)
+                # New orders do not cut this short: the rows in doubt would only be
+                # published again, piling up copies while the broker is blocked.
+                await self._sleep(backoff, lost, self._stopping)
+                continue
+            failures = 0
+            if published < self._settings.relay_batch:
+                await self._sleep(interval, lost, self._wake)
 
     async def _sleep(
         self, seconds: float, lost: "asyncio.Future[None]", until: asyncio.Event

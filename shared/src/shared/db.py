@@ -193,7 +193,10 @@ MIGRATIONS: tuple[str, ...] = (
     # ``p_skus[i]``, one line per order and SKU.
     """
     CREATE FUNCTION reserve_orders(p_orders uuid[], p_skus text[], p_quantities int[], p_by text)
-    RETURNS TABLE (reserved uuid, outcome text) LANGUAGE plpgsql AS $$
+    RETURNS TABLE (reserved uuid, outcome text) LANGUAGE plpgsql
+    -- Every statement here looks rows up by key. A plan cached while ``orders`` was small (a
+    -- new database, statistics not gathered yet) would scan the whole table on every call.
+    SET enable_seqscan = off AS $$
     BEGIN
         PERFORM 1 FROM orders WHERE id = ANY (p_orders) ORDER BY id FOR UPDATE;
         PERFORM 1 FROM inventory WHERE sku = ANY (p_skus) ORDER BY sku FOR UPDATE;

@@ -46,8 +46,9 @@ async def consume(url: str, count: int, prefetch: int = 100) -> float:
                 done.set()
 
         started = time.perf_counter()
-        await queue.consume(handle)
+        tag = await queue.consume(handle)
         await done.wait()
         rate = count / (time.perf_counter() - started)
+        await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
         return rate

@@ -3,10 +3,10 @@
 Two sources feed it. ``POST /orders`` commits the order and its outbox row together; a crawl's
 pages are rows of ``crawl_pages`` still marked ``unpublished``, written by ``POST /crawls`` and by
 the consumers that find links (they ``NOTIFY outbox`` when they commit). The relay claims rows
-(``FOR UPDATE SKIP LOCKED``, so replicas share the work), publishes them with publisher confirms,
-and forgets the confirmed ones in the same transaction. Whatever is left (broker down, confirm
-timed out, producer killed) is published on a later round: at least once, and the consumers make
-a duplicate harmless.
+(``FOR UPDATE SKIP LOCKED``, so replicas, and the two publishers of each relay, share the work),
+publishes them with publisher confirms, and forgets the confirmed ones in the same transaction.
+Whatever is left (broker down, confirm timed out, producer killed) is published on a later round:
+at least once, and the consumers make a duplicate harmless.
 """
 
 import asyncio

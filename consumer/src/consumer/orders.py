@@ -10,10 +10,10 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from enum import StrEnum
+from operator import attrgetter
 from uuid import UUID
 
 import asyncpg
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.metrics import Metrics
@@ -58,8 +58,8 @@ class OrderHandler:
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
         # The runners' statements go to PostgreSQL in batches: two commits per batch, not per
         # order (shared/batch.py).
-        self.start = Batcher(self._start, key=_id)
-        self.reserve = Batcher(self._reserve, key=_id)
+        self.start = Batcher(self._start, key=attrgetter("id"))
+        self.reserve = Batcher(self._reserve, key=attrgetter("id"))
 
     def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
         return Frontier.PRIORITY, -(message.priority or 0)
@@ -90,7 +90,7 @@ class OrderHandler:
             START,
             [o.id for o in orders],
             [o.customer_id for o in orders],
-            [orjson.dumps([item.model_dump() for item in o.items]).decode() for o in orders],
+            [messages.items_json(o) for o in orders],
             [o.priority for o in orders],
         )
         attempts = {row["id"]: row["attempts"] for row in rows}
@@ -134,10 +134,6 @@ async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings
         or random.random() < settings.payment_failure_rate
     ):
         raise PaymentUnavailable(f"payment gateway unavailable (simulated) for order {order_id}")
-
-
-def _id(order: OrderMessage) -> UUID:
-    return order.id
 
 
 async def mark_retrying(pool: asyncpg.Pool, order_id: UUID, error: str, delay_ms: int) -> None:

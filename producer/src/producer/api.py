@@ -18,7 +18,7 @@ from producer.outbox import Relay
 from producer.problems import UNAVAILABLE, Problem
 from shared.batch import Batcher
 from shared.db import Status
-from shared.messages import Item, NewOrder, Sku
+from shared.messages import Item, NewOrder, Sku, items_json
 
 router = APIRouter()  # needs an API key
 health = APIRouter(tags=["health"])  # open: probes carry no keys
@@ -137,7 +137,7 @@ def submitter(pool: asyncpg.Pool) -> Batcher[Submission, asyncpg.Record | None]:
             SUBMIT,
             [s.id for s in batch],
             [s.order.customer_id for s in batch],
-            [orjson.dumps([i.model_dump() for i in s.order.items]).decode() for s in batch],
+            [items_json(s.order) for s in batch],
             [s.order.priority for s in batch],
             [s.key for s in batch],
             [s.digest for s in batch],

@@ -55,7 +55,8 @@ class Batcher(Generic[Item, Result]):
                     keys.add(key)
                     batch.append(entry)
             self._waiting.extendleft(reversed(later))
-            await self._settle(batch)
+            if batch:
+                await self._settle(batch)
 
     async def _settle(self, batch: list[tuple[Item, "asyncio.Future[Result]"]]) -> None:
         try:

@@ -109,6 +109,11 @@ class CrawlTask(_Strict):
         return 0
 
 
+def items_json(order: NewOrder) -> str:
+    """An order's lines as the JSON text PostgreSQL stores in ``orders.items``."""
+    return orjson.dumps([item.model_dump() for item in order.items]).decode()
+
+
 def encode(order: OrderMessage, attempt: int = 1) -> Message:
     """An order as a persistent AMQP message."""
     body = orjson.dumps(order.model_dump(mode="json"))

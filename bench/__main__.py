@@ -213,7 +213,8 @@ class Watch:
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self.groups = groups
         self.peak_rss: dict[str, int] = dict.fromkeys(groups, 0)
-        self.cpu: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # cores used, on average
+        self.wall = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def _cpu(self) -> dict[str, float]:
@@ -234,8 +235,8 @@ class Watch:
             yield self
         finally:
             self._task.cancel()
-            wall = time.perf_counter() - started
-            self.cpu = {g: (c - before[g]) / wall for g, c in self._cpu().items()}
+            self.wall = time.perf_counter() - started
+            self.cpu = {g: (c - before[g]) / self.wall for g, c in self._cpu().items()}
 
 
 # --- the phases ---------------------------------------------------------------------------------
@@ -370,6 +371,8 @@ async def drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
         "rate": (backlog - 1) / (took / 1e6),
         "consumer_rss_mb": watch.peak_rss["consumer"] / 2**20 / consumers,
         **{f"cpu_{g}": c * 100 for g, c in watch.cpu.items()},
+        # CPU time per order, start-up included: what an order costs, however busy the machine
+        **{f"us_{g}": c * watch.wall / backlog * 1e6 for g, c in watch.cpu.items()},
     }
 
 

@@ -128,7 +128,8 @@ class OrderHandler:
 
 async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings) -> None:
     """Stand-in for the slow calls an order needs (payment, fraud check); fails on demand."""
-    await asyncio.sleep(settings.order_work_ms / 1000)
+    if settings.order_work_ms:
+        await asyncio.sleep(settings.order_work_ms / 1000)
     if (
         attempt <= settings.payment_failures_per_order
         or random.random() < settings.payment_failure_rate

@@ -17,18 +17,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika import IncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry, start_http_server
 
 from consumer.acks import Acks
@@ -83,7 +80,6 @@ class _Lane:
 
     handler: Handler
     channel: AbstractChannel
-    queue: AbstractQueue
     retry: AbstractExchange
     dead: AbstractExchange
     window: Window = field(default_factory=Window)
@@ -128,15 +124,21 @@ class Worker:
                     lane = _Lane(
                         handler,
                         channel,
-                        await channel.get_queue(handler.lane.work.name, ensure=False),
                         await publisher.get_exchange(handler.lane.retry.name, ensure=False),
                         await publisher.get_exchange(handler.lane.dead.name, ensure=False),
                     )
-                    lane.tag = await lane.queue.consume(self._receiver(lane))
+                    # On the AMQP channel itself: aio-pika's Queue.consume would wrap each
+                    # delivery in one more task, a cost per message the receiver does not need.
+                    underlay = await channel.get_underlay_channel()
+                    consuming_ok = await underlay.basic_consume(
+                        handler.lane.work.name, self._receiver(lane)
+                    )
+                    assert consuming_ok.consumer_tag is not None
+                    lane.tag = consuming_ok.consumer_tag
                     lanes.append(lane)
             log.info(
                 "consuming %s from %s",
-                ", ".join(ln.queue.name for ln in lanes),
+                ", ".join(ln.handler.lane.work.name for ln in lanes),
                 amqp.redact(url),
             )
             runners = [
@@ -157,7 +159,8 @@ class Worker:
                 for lane in lanes:
                     if not lane.channel.is_closed:
                         with contextlib.suppress(Exception):  # closing cancels it anyway
-                            await lane.queue.cancel(lane.tag, timeout=amqp.SETUP_TIMEOUT)
+                            underlay = await lane.channel.get_underlay_channel()
+                            await underlay.basic_cancel(lane.tag, timeout=amqp.SETUP_TIMEOUT)
             await self._drain(lanes, runners)
             if not stop.is_set():
                 raise ConnectionError("broker connection lost")
@@ -175,8 +178,9 @@ class Worker:
         for lane, message in left:
             await _requeue(lane, message)
 
-    def _receiver(self, lane: _Lane) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def receive(message: AbstractIncomingMessage) -> None:
+    def _receiver(self, lane: _Lane) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        async def receive(delivered: DeliveredMessage) -> None:
+            message = IncomingMessage(delivered)
             lane.acks.delivered(message)
             if lane.window.closed:
                 await _requeue(lane, message)

@@ -405,8 +405,17 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             for n in range(int(rate * bench.size.seconds))
         ]
         url = URL(producer.base_url)
-        await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, rate)
-        await bench.until(lambda: _settled(bench), 120)
+        watch = Watch(
+            {
+                "producer": lambda: [producer.pid],
+                "consumers": lambda: [s.pid for s in bench.services if s is not producer],
+                "broker": lambda: _pids("rabbitmq"),
+                "database": lambda: _pids("postgres"),
+            }
+        )
+        with watch.running():
+            await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, rate)
+            await bench.until(lambda: _settled(bench), 120)
         async with bench.connection() as conn:
             waits = [
                 r[0]
@@ -415,7 +424,13 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
                     " WHERE customer_id = 'e2e'"
                 )
             ]
-        return {"rate": sustained, "half_rate": rate, **_percentiles(waits)}
+        return {
+            "rate": sustained,
+            "half_rate": rate,
+            **_percentiles(waits),
+            # CPU time per order at half load, by process group
+            **{f"us_{g}": c * watch.wall / len(bodies) * 1e6 for g, c in watch.cpu.items()},
+        }
     finally:
         await bench.stop_all()
 

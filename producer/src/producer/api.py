@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer.outbox import Relay
+from producer.outbox import ORDERS, Relay
 from producer.problems import UNAVAILABLE, Problem
 from shared.batch import Batcher
 from shared.db import Status
@@ -228,7 +228,7 @@ async def submit_order(
         if row["request_hash"] != digest:
             raise key_reused()
     else:
-        relay.wake()
+        relay.wake(ORDERS)
         request.app.state.metrics.accepted.labels("single").inc()
     response.headers["Location"] = f"/orders/{row['id']}"
     return _view(row)
@@ -307,7 +307,7 @@ async def submit_batch(batch: Batch, request: Request, pool: PoolDep, relay: Rel
                 )
             )
     if created:
-        relay.wake()
+        relay.wake(ORDERS)
         request.app.state.metrics.accepted.labels("batch").inc(len(created))
     return BatchView(orders=items)
 

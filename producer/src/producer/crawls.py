@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from producer.api import IdempotencyKey, PoolDep, RelayDep, key_reused
+from producer.outbox import CRAWL_TASKS
 from producer.problems import Problem
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
@@ -177,7 +178,7 @@ async def start_crawl(
             "SELECT id FROM crawls WHERE idempotency_key = $1", idempotency_key
         )
     else:
-        relay.wake()
+        relay.wake(CRAWL_TASKS)
     view, earlier = await _view(pool, crawl_id)
     if idempotency_key and earlier != digest:
         raise key_reused()

@@ -7,13 +7,18 @@ the consumers that find links (they ``NOTIFY outbox`` when they commit). The rel
 publishes them with publisher confirms, and forgets the confirmed ones in the same transaction.
 Whatever is left (broker down, confirm timed out, producer killed) is published on a later round:
 at least once, and the consumers make a duplicate harmless.
+
+A round looks only at the sources that are due: woken by a commit (``wake``), or still holding
+rows after a full claim, or every source once per ``RELAY_INTERVAL`` (the sweep that catches
+whatever a lost wake-up left behind). An order's commit costs no claim of crawl pages, and a
+publisher that finds nothing due goes back to sleep without asking the database.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,7 @@ from shared.settings import ProducerSettings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one of each: compared by identity
 class Source:
     """Rows to publish to a lane: how to claim them, encode one, and forget the confirmed."""
 
@@ -71,6 +76,7 @@ class Relay:
     def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
         self._pool, self._settings, self._metrics = pool, settings, metrics
         self._wake = asyncio.Event()
+        self._due: set[Source] = set(SOURCES)  # what the next round looks at
         self._stopping = asyncio.Event()
         self._queues: list[AbstractQueue] = []
         self.connected = False
@@ -90,8 +96,9 @@ class Relay:
         s = self._settings
         return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
 
-    def wake(self) -> None:
-        """Publish now rather than at the next sweep."""
+    def wake(self, source: Source) -> None:
+        """Publish ``source``'s new rows now rather than at the next sweep."""
+        self._due.add(source)
         self._wake.set()
 
     def stop(self) -> None:
@@ -114,7 +121,7 @@ class Relay:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-                await conn.add_listener(db.OUTBOX_CHANNEL, lambda *_: self.wake())
+                await conn.add_listener(db.OUTBOX_CHANNEL, lambda *_: self.wake(CRAWL_TASKS))
                 while not conn.is_closed() and not self._stopping.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), 5)
@@ -159,20 +166,22 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
-    async def publish_pending(self, exchanges: dict[str, AbstractExchange]) -> int:
-        """One round over every source: claim, publish, forget what was confirmed.
+    async def publish_pending(
+        self, exchanges: dict[str, AbstractExchange], sources: Sequence[Source] = SOURCES
+    ) -> None:
+        """One round over ``sources``: claim, publish, forget what was confirmed."""
+        for source in sources:
+            await self._publish(source, exchanges)
 
-        Returns the most rows confirmed from one source (``relay_batch``: there may be more).
-        """
-        return max([await self._publish(source, exchanges) for source in SOURCES])
-
-    async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> int:
+    async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> None:
         failure: BaseException | None = None
         exchange = exchanges[source.lane.exchange.name]
         async with self._pool.acquire() as conn, conn.transaction():
             rows = [dict(row) for row in await conn.fetch(source.claim, self._settings.relay_batch)]
             if not rows:
-                return 0
+                return
+            if len(rows) == self._settings.relay_batch:
+                self.wake(source)  # there may be more: another publisher claims them meanwhile
             started = time.perf_counter()
             results = await asyncio.gather(
                 *(
@@ -194,7 +203,6 @@ class Relay:
             await conn.execute(source.forget, confirmed)
         if failure is not None:
             raise failure
-        return len(confirmed)
 
     async def _session(self) -> None:
         async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
@@ -236,11 +244,14 @@ class Relay:
             if lost.done():
                 raise ConnectionError("broker connection lost")
             self._wake.clear()  # whatever is committed from now on wakes a publisher again
+            due = [source for source in SOURCES if source in self._due]
+            self._due.difference_update(due)
             try:
-                published = await self.publish_pending(exchanges)
+                await self.publish_pending(exchanges, due)
             except Exception as exc:
                 if lost.done():
                     raise
+                self._due.update(due)
                 failures += 1
                 backoff = min(interval * 2**failures, 10.0)
                 log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)
@@ -249,16 +260,20 @@ class Relay:
                 await self._sleep(backoff, lost, self._stopping)
                 continue
             failures = 0
-            if published < self._settings.relay_batch:
-                await self._sleep(interval, lost, self._wake)
+            if not self._due and not await self._sleep(interval, lost, self._wake):
+                self._due.update(SOURCES)  # the sweep
 
     async def _sleep(
         self, seconds: float, lost: "asyncio.Future[None]", until: asyncio.Event
-    ) -> None:
-        """Sleep ``seconds``, or until ``until`` is set or the connection is lost."""
+    ) -> bool:
+        """Sleep ``seconds``, or until ``until`` is set or the connection is lost; True if cut
+        short."""
         waiter = asyncio.ensure_future(until.wait())
         waits: list[asyncio.Future[Any]] = [waiter, lost]
         try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             waiter.cancel()
+        return bool(done)

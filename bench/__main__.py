@@ -429,7 +429,7 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             "half_rate": rate,
             **_percentiles(waits),
             # CPU time per order at half load, by process group
-            **{f"us_{g}": c * watch.wall / len(bodies) * 1e6 for g, c in watch.cpu.items()},
+            **{f"us_{g}": c * watch.wall / max(len(bodies), 1) * 1e6 for g, c in watch.cpu.items()},
         }
     finally:
         await bench.stop_all()
@@ -586,11 +586,15 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
     against("drain, 2 consumers: orders/s", "drain2", "drain1", "drain, 1 consumer", 1.3)
     for group in ("consumer", "broker", "database"):
         add(f"CPU during the 2-consumer drain: {group}", m("drain2", f"cpu_{group}"), "% of a core")
+    for group in ("consumer", "broker", "database"):
+        add(f"CPU per order, 1-consumer drain: {group}", m("drain1", f"us_{group}"), " µs")
     add("end to end, HTTP → completed: orders/s sustained", m("e2e"))
     half = _median(r["e2e"], "half_rate")[0]
     add(f"end to end at half load ({half:.0f}/s): p50", m("e2e", "p50_ms"), " ms")
     p99 = m("e2e", "p99_ms")
     add("end to end at half load: p99", p99, " ms", target="≤ 50 ms", met=p99[0] <= 50)
+    for group in ("producer", "consumers", "broker", "database"):
+        add(f"CPU per order at half load: {group}", m("e2e", f"us_{group}"), " µs")
     p9, p0 = m("priority", "p9_p99_ms"), m("priority", "p0_p99_ms")
     add(
         "priority 9 wait in a backlog (2 consumers, PREFETCH=4): p50",

@@ -76,7 +76,7 @@ class Relay:
     def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
         self._pool, self._settings, self._metrics = pool, settings, metrics
         self._wake = asyncio.Event()
-        self._due: set[Source] = set(SOURCES)  # what the next round looks at
+        self._due: set[Source] = set()  # what the next round looks at
         self._stopping = asyncio.Event()
         self._queues: list[AbstractQueue] = []
         self.connected = False
@@ -220,6 +220,7 @@ class Relay:
                     await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
                 ]
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
+            self._due.update(SOURCES)  # rows may have been left behind while disconnected
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
             try:
@@ -249,9 +250,9 @@ class Relay:
             try:
                 await self.publish_pending(exchanges, due)
             except Exception as exc:
+                self._due.update(due)
                 if lost.done():
                     raise
-                self._due.update(due)
                 failures += 1
                 backoff = min(interval * 2**failures, 10.0)
                 log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)

@@ -9,9 +9,9 @@ Whatever is left (broker down, confirm timed out, producer killed) is published 
 at least once, and the consumers make a duplicate harmless.
 
 A round looks only at the sources that are due: woken by a commit (``wake``), or still holding
-rows after a full claim, or every source once per ``RELAY_INTERVAL`` (the sweep that catches
-whatever a lost wake-up left behind). An order's commit costs no claim of crawl pages, and a
-publisher that finds nothing due goes back to sleep without asking the database.
+rows after a full claim, or every source after a (re)connect and once per ``RELAY_INTERVAL`` (the
+sweep that catches whatever a lost wake-up left behind). An order's commit costs no claim of
+crawl pages, and a publisher that finds nothing due goes back to sleep without a query.
 """
 
 import asyncio

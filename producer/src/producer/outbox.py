@@ -77,6 +77,7 @@ class Relay:
         self._pool, self._settings, self._metrics = pool, settings, metrics
         self._wake = asyncio.Event()
         self._due: set[Source] = set()  # what the next round looks at
+        self._next_sweep = 0.0  # monotonic time when every source is due again
         self._stopping = asyncio.Event()
         self._queues: list[AbstractQueue] = []
         self.connected = False
@@ -167,7 +168,7 @@ class Relay:
             delay = min(delay * 2, 10.0)
 
     async def publish_pending(
-        self, exchanges: dict[str, AbstractExchange], sources: Sequence[Source] = SOURCES
+        self, exchanges: dict[str, AbstractExchange], sources: Sequence[Source]
     ) -> None:
         """One round over ``sources``: claim, publish, forget what was confirmed."""
         for source in sources:
@@ -220,7 +221,7 @@ class Relay:
                     await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
                 ]
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
-            self._due.update(SOURCES)  # rows may have been left behind while disconnected
+            self._next_sweep = 0.0  # sweep at once: rows may have been left while disconnected
             self.connected = True
             log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
             try:
@@ -245,6 +246,9 @@ class Relay:
             if lost.done():
                 raise ConnectionError("broker connection lost")
             self._wake.clear()  # whatever is committed from now on wakes a publisher again
+            if (now := time.monotonic()) >= self._next_sweep:  # however busy the relay is
+                self._next_sweep = now + interval
+                self._due.update(SOURCES)
             due = [source for source in SOURCES if source in self._due]
             self._due.difference_update(due)
             try:
@@ -261,20 +265,16 @@ class Relay:
                 await self._sleep(backoff, lost, self._stopping)
                 continue
             failures = 0
-            if not self._due and not await self._sleep(interval, lost, self._wake):
-                self._due.update(SOURCES)  # the sweep
+            if not self._due:
+                await self._sleep(self._next_sweep - time.monotonic(), lost, self._wake)
 
     async def _sleep(
         self, seconds: float, lost: "asyncio.Future[None]", until: asyncio.Event
-    ) -> bool:
-        """Sleep ``seconds``, or until ``until`` is set or the connection is lost; True if cut
-        short."""
+    ) -> None:
+        """Sleep ``seconds``, or until ``until`` is set or the connection is lost."""
         waiter = asyncio.ensure_future(until.wait())
         waits: list[asyncio.Future[Any]] = [waiter, lost]
         try:
-            done, _ = await asyncio.wait(
-                waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waits, timeout=max(seconds, 0), return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-        return bool(done)

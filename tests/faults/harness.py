@@ -9,6 +9,7 @@ stuck (not final) and unexpected (an order nobody asked for) orders.
 import asyncio
 import contextlib
 import itertools
+import math
 import random
 import re
 import signal
@@ -38,7 +39,7 @@ class Timing:
 
     rate: float  # orders per second
     warmup: float
-    cooldown: float
+    cooldown: float  # load after the fault has ended, however long the fault took
     outage: float  # pause, alarm, network cut
     churn: float  # how long consumers are killed for
     drain: float = 60.0
@@ -60,28 +61,33 @@ class Request:
 
 @dataclass
 class Load:
-    """Steady HTTP load at ``rate`` orders/s for ``duration`` seconds, with a history."""
+    """Steady HTTP load at ``rate`` orders/s until ``stop_in`` is called and its time is up."""
 
     base_url: str
     rate: float
-    duration: float
     history: list[Request] = field(default_factory=list)
     in_doubt_events: int = 0
     unavailable: int = 0  # 503 answers (with Retry-After)
+    end: float = math.inf  # monotonic time the last order is sent by
+
+    def stop_in(self, seconds: float) -> None:
+        """Keep sending for ``seconds`` more: a fault that ran long still has load after it."""
+        self.end = time.monotonic() + seconds
 
     async def run(self) -> None:
-        count = int(self.rate * self.duration)
         started = time.monotonic()
-        give_up = started + self.duration + 90
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(
             base_url=self.base_url, headers=AUTH, timeout=5, limits=limits
         ) as client:
             tasks = []
-            for i in range(count):
+            for i in itertools.count():
                 await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+                if time.monotonic() >= self.end:
+                    break
                 request = Request(key=f"fault-{uuid.uuid4()}", quantity=random.randint(1, 3))
                 self.history.append(request)
+                give_up = time.monotonic() + 90
                 tasks.append(asyncio.create_task(self._send(client, request, give_up)))
             await asyncio.gather(*tasks)
 
@@ -374,14 +380,15 @@ async def run_scenario(
     stack = Stack(scenario.name, broker, database, consumers)
     await stack.start()
     readiness: list[int] = []
+    load = Load(stack.base_url, t.rate)
+    load_task = asyncio.create_task(load.run())
+    watch = asyncio.create_task(_watch_readiness(stack.base_url, readiness))
     try:
-        load = Load(stack.base_url, t.rate, t.warmup + t.churn + t.cooldown)
-        load_task = asyncio.create_task(load.run())
-        watch = asyncio.create_task(_watch_readiness(stack.base_url, readiness))
         await asyncio.sleep(t.warmup)
         restarts_before = stack.starts
         await scenario.fault(stack, t)
         healed = datetime.now(UTC)
+        load.stop_in(t.cooldown)  # orders keep coming after the fault, however long it took
         recovery = await _recovery(stack, healed)
         await load_task
         watch.cancel()
@@ -406,6 +413,8 @@ async def run_scenario(
             **counts,
         )
     finally:
+        load_task.cancel()  # gone already unless the fault itself failed
+        watch.cancel()
         await stack.stop()
 
 

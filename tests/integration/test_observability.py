@@ -27,6 +27,8 @@ async def test_producer_metrics_count_accepted_orders_and_requests(api: httpx.As
     assert (await api.post("/orders/batch", json=batch)).status_code == 202
     assert (await api.post("/orders", json={"customer_id": ""})).status_code == 422
     assert len(ids) == 3
+    assert (await api.get(f"/orders/{uuid.uuid4()}")).status_code == 404
+    assert (await api.get("/no-such-route")).status_code == 404
 
     found = samples((await api.get("/metrics")).text)
     assert found[("orders_accepted_total", (("endpoint", "single"),))] == 3
@@ -34,6 +36,12 @@ async def test_producer_metrics_count_accepted_orders_and_requests(api: httpx.As
     requests = (("handler", "/orders"), ("method", "POST"))
     assert found[("http_requests_total", (*requests, ("status", "2xx")))] == 3
     assert found[("http_requests_total", (*requests, ("status", "4xx")))] == 1
+    # By the route's template, whatever the path held; a path no route matched is "none".
+    status = (("handler", "/orders/{order_id}"), ("method", "GET"), ("status", "4xx"))
+    assert found[("http_requests_total", status)] == 1
+    assert found[("http_requests_total", (("handler", "none"), ("method", "GET"), status[2]))] == 1
+    assert found[("http_request_duration_seconds_count", requests)] == 4
+    assert not any(labels and dict(labels).get("handler") == "/metrics" for _, labels in found)
     assert ("outbox_backlog", ()) in found
     assert ("work_queue_depth", ()) in found
 

@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from fastapi import Depends, FastAPI
-from prometheus_fastapi_instrumentator import Instrumentator
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from producer import api, crawls, dashboard, problems
 from producer.auth import Guard, require_key
-from producer.metrics import Metrics
+from producer.metrics import Metrics, RequestMetrics
 from producer.outbox import Relay
 from shared import db
 from shared.settings import ProducerSettings
@@ -69,11 +70,14 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     app.include_router(crawls.router, dependencies=keyed)
     app.include_router(api.health)
     app.include_router(dashboard.router, dependencies=keyed if settings.dashboard_needs_key else [])
-    Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(
-        app
-    ).expose(
-        app,
+    app.add_middleware(RequestMetrics, metrics=metrics, excluded=("/metrics",))
+
+    @app.get(
+        "/metrics",
         include_in_schema=False,
         dependencies=keyed if settings.metrics_need_key else [],
     )
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return app

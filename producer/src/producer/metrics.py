@@ -1,13 +1,18 @@
 """Prometheus metrics of the producer, in a registry of the app's own (exposed at /metrics)."""
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 @dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
+    requests: Counter  # HTTP requests by route, method and status class (2xx, 4xx, ...)
+    request_seconds: Histogram  # HTTP request latency by route and method
     accepted: Counter  # orders stored and answered 202, by endpoint
     confirm_seconds: Histogram  # one relay round: publish until the last confirm
     outbox_backlog: Gauge  # orders committed but not yet confirmed by the broker
@@ -18,6 +23,19 @@ class Metrics:
         registry = CollectorRegistry()
         return cls(
             registry=registry,
+            requests=Counter(
+                "http_requests",
+                "HTTP requests by route, method and status class",
+                ["handler", "method", "status"],
+                registry=registry,
+            ),
+            request_seconds=Histogram(
+                "http_request_duration_seconds",
+                "HTTP request latency by route and method",
+                ["handler", "method"],
+                registry=registry,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            ),
             accepted=Counter(
                 "orders_accepted", "Orders stored and answered 202", ["endpoint"], registry=registry
             ),
@@ -34,3 +52,41 @@ class Metrics:
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             ),
         )
+
+
+class RequestMetrics:
+    """ASGI middleware counting and timing every request by its route's template ("none" when
+    no route matched, so the labels stay bounded). Each label set is resolved once and kept:
+    a request costs a dict lookup and two updates."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, excluded: tuple[str, ...] = ()) -> None:
+        self.app, self.metrics, self.excluded = app, metrics, excluded
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")  # set by the router on this scope when a route matched
+            handler = getattr(route, "path", None) or "none"
+            if handler not in self.excluded:
+                key = (handler, scope["method"], status // 100)
+                if (children := self._children.get(key)) is None:
+                    children = self._children[key] = (
+                        self.metrics.requests.labels(handler, scope["method"], f"{key[2]}xx"),
+                        self.metrics.request_seconds.labels(handler, scope["method"]),
+                    )
+                children[0].inc()
+                children[1].observe(time.perf_counter() - started)

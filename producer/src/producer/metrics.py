@@ -55,9 +55,9 @@ class Metrics:
 
 
 class RequestMetrics:
-    """ASGI middleware counting and timing every request by its route's template ("none" when
-    no route matched, so the labels stay bounded). Each label set is resolved once and kept:
-    a request costs a dict lookup and two updates."""
+    """ASGI middleware counting and timing every request by its route's template: "none" when
+    no route ran (an unknown path, or a body refused before routing), so the labels stay bounded.
+    Each label set is resolved once and kept: a request costs a dict lookup and two updates."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, excluded: tuple[str, ...] = ()) -> None:
         self.app, self.metrics, self.excluded = app, metrics, excluded

@@ -275,9 +275,9 @@ async def test_a_round_claims_only_the_sources_that_are_due(
     rounds: list[list[str]] = []
     publish_pending = relay.publish_pending
 
-    async def recorded(exchanges: Any, sources: Sequence[Source]) -> None:
+    async def recorded(channel: Any, sources: Sequence[Source]) -> None:
         rounds.append([s.lane.exchange.name for s in sources])
-        await publish_pending(exchanges, sources)
+        await publish_pending(channel, sources)
 
     relay.publish_pending = recorded
     await asyncio.sleep(0.2)  # the first round, at connect, looked at every source

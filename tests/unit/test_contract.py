@@ -19,7 +19,7 @@ ORDER = messages.OrderMessage(
 )
 
 
-def delivery(message: aio_pika.Message) -> aio_pika.IncomingMessage:
+def delivery(message: aio_pika.Message | messages.Outgoing) -> aio_pika.IncomingMessage:
     """What a consumer would receive for ``message``."""
     props = message.properties
     frame = commands.Basic.Deliver(delivery_tag=1, exchange="orders", routing_key="order.created")
@@ -45,12 +45,13 @@ def raw(
 
 def test_encode_sets_every_property_the_contract_names() -> None:
     message = messages.encode(ORDER)
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.content_type == "application/json"
-    assert message.message_id == str(ORDER.id)
-    assert message.priority == 4
-    assert message.type == "order.created"
-    assert message.headers == {"attempt": 1}
+    props = message.properties
+    assert props.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert props.content_type == "application/json"
+    assert props.message_id == str(ORDER.id)
+    assert props.priority == 4
+    assert props.message_type == "order.created"
+    assert props.headers == {"attempt": 1}
     assert orjson.loads(message.body)["version"] == 1
 
 
@@ -86,10 +87,11 @@ def test_crawl_task_round_trips_with_priority_from_depth(
         frontier=messages.Frontier(frontier),
     )
     message = messages.encode_task(task)
-    assert message.type == "crawl.task"
-    assert message.message_id == str(task.page_id)
-    assert message.priority == priority
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    props = message.properties
+    assert props.message_type == "crawl.task"
+    assert props.message_id == str(task.page_id)
+    assert props.priority == priority
+    assert props.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert messages.decode_task(delivery(message)) == task
     with pytest.raises(InvalidMessage, match=r"unknown message type 'crawl\.task'"):
         messages.decode(delivery(message))

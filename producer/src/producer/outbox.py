@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aio_pika import Message
-from aio_pika.abc import AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from producer.metrics import Metrics
 from shared import amqp, db, topology
-from shared.messages import CrawlTask, encode_stored, encode_task
+from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class Source:
 
     lane: topology.Lane
     claim: str  # $1: how many; the first column is the row's key
-    encode: Callable[[dict[str, Any]], Message]
+    encode: Callable[[dict[str, Any]], Outgoing]
     forget: str  # $1: the keys of the confirmed rows
 
 
@@ -167,16 +166,13 @@ class Relay:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
 
-    async def publish_pending(
-        self, exchanges: dict[str, AbstractExchange], sources: Sequence[Source]
-    ) -> None:
+    async def publish_pending(self, channel: AbstractChannel, sources: Sequence[Source]) -> None:
         """One round over ``sources``: claim, publish, forget what was confirmed."""
         for source in sources:
-            await self._publish(source, exchanges)
+            await self._publish(source, channel)
 
-    async def _publish(self, source: Source, exchanges: dict[str, AbstractExchange]) -> None:
+    async def _publish(self, source: Source, channel: AbstractChannel) -> None:
         failure: BaseException | None = None
-        exchange = exchanges[source.lane.exchange.name]
         async with self._pool.acquire() as conn, conn.transaction():
             rows = [dict(row) for row in await conn.fetch(source.claim, self._settings.relay_batch)]
             if not rows:
@@ -184,17 +180,12 @@ class Relay:
             if len(rows) == self._settings.relay_batch:
                 self.wake(source)  # there may be more: another publisher claims them meanwhile
             started = time.perf_counter()
-            results = await asyncio.gather(
-                *(
-                    amqp.publish(
-                        exchange,
-                        source.encode(row),
-                        source.lane.routing_key,
-                        self._settings.publish_timeout,
-                    )
-                    for row in rows
-                ),
-                return_exceptions=True,
+            results = await amqp.publish_all(
+                channel,
+                source.lane.exchange.name,
+                [source.encode(row) for row in rows],
+                source.lane.routing_key,
+                self._settings.publish_timeout,
             )
             self._metrics.confirm_seconds.observe(time.perf_counter() - started)
             confirmed = [
@@ -210,12 +201,6 @@ class Relay:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
                 await topology.declare(channel, "producer")
-                exchanges = {
-                    s.lane.exchange.name: await channel.get_exchange(
-                        s.lane.exchange.name, ensure=False
-                    )
-                    for s in SOURCES
-                }
                 gauge_channel = await connection.channel(publisher_confirms=False)
                 self._queues = [
                     await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
@@ -228,7 +213,7 @@ class Relay:
                 # Each publisher claims its own rows (SKIP LOCKED) in its own transaction: one
                 # publishes while another waits for its confirms, commits or claims.
                 ended = await asyncio.gather(
-                    *(self._publisher(exchanges, lost) for _ in range(PUBLISHERS)),
+                    *(self._publisher(channel, lost) for _ in range(PUBLISHERS)),
                     return_exceptions=True,
                 )
             finally:
@@ -237,9 +222,7 @@ class Relay:
                 if isinstance(end, BaseException):
                     raise end
 
-    async def _publisher(
-        self, exchanges: dict[str, AbstractExchange], lost: "asyncio.Future[None]"
-    ) -> None:
+    async def _publisher(self, channel: AbstractChannel, lost: "asyncio.Future[None]") -> None:
         """Publish rounds while rows are committed, until ``stop`` or the connection is lost."""
         interval, failures = self._settings.relay_interval, 0
         while not self._stopping.is_set():
@@ -252,7 +235,7 @@ class Relay:
             due = [source for source in SOURCES if source in self._due]
             self._due.difference_update(due)
             try:
-                await self.publish_pending(exchanges, due)
+                await self.publish_pending(channel, due)
             except Exception as exc:
                 self._due.update(due)
                 if lost.done():

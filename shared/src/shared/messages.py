@@ -10,12 +10,13 @@ matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, b
 import unicodedata
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 from uuid import UUID
 
 import orjson
 from aio_pika import DeliveryMode, Message
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from aiormq import spec
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -114,13 +115,20 @@ def items_json(order: NewOrder) -> str:
     return orjson.dumps([item.model_dump() for item in order.items]).decode()
 
 
-def encode(order: OrderMessage, attempt: int = 1) -> Message:
+class Outgoing(NamedTuple):
+    """A message to publish: what ``aio_pika.Message`` carries to the wire, without its cost."""
+
+    body: bytes
+    properties: spec.Basic.Properties
+
+
+def encode(order: OrderMessage, attempt: int = 1) -> Outgoing:
     """An order as a persistent AMQP message."""
     body = orjson.dumps(order.model_dump(mode="json"))
     return _message(body, str(order.id), order.priority, MESSAGE_TYPE, attempt)
 
 
-def encode_stored(order: Mapping[str, Any]) -> Message:
+def encode_stored(order: Mapping[str, Any]) -> Outgoing:
     """An order row as the producer stored it (validated when it was accepted), encoded exactly
     as ``encode`` would, without validating it again: the outbox relay's hot path."""
     body = {
@@ -133,7 +141,7 @@ def encode_stored(order: Mapping[str, Any]) -> Message:
     return _message(orjson.dumps(body), body["id"], order["priority"], MESSAGE_TYPE, 1)
 
 
-def encode_task(task: CrawlTask, attempt: int = 1) -> Message:
+def encode_task(task: CrawlTask, attempt: int = 1) -> Outgoing:
     """A crawl task as a persistent AMQP message; ``message_id`` is the page id."""
     body = orjson.dumps(task.model_dump(mode="json"))
     return _message(body, str(task.page_id), task.priority, CRAWL_MESSAGE_TYPE, attempt)
@@ -141,16 +149,16 @@ def encode_task(task: CrawlTask, attempt: int = 1) -> Message:
 
 def _message(
     body: bytes, message_id: str, priority: int, message_type: str, attempt: int
-) -> Message:
-    return Message(
-        body,
+) -> Outgoing:
+    properties = spec.Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=DeliveryMode.PERSISTENT,
         message_id=message_id,
         priority=priority,
-        type=message_type,
+        message_type=message_type,
         headers={ATTEMPT: attempt},
     )
+    return Outgoing(body, properties)
 
 
 def decode(message: AbstractIncomingMessage) -> OrderMessage:

@@ -147,15 +147,9 @@ class BodyGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        too_large = Problem(
-            413,
-            "Content too large",
-            f"The body must not exceed {self.max_body_bytes} bytes.",
-            "/problems/too-large",
-        )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await too_large.response(scope["path"])(scope, receive, send)
+            await self._too_large(scope, receive, send)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -165,7 +159,7 @@ class BodyGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await too_large.response(scope["path"])(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -190,3 +184,12 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = Problem(
+            413,
+            "Content too large",
+            f"The body must not exceed {self.max_body_bytes} bytes.",
+            "/problems/too-large",
+        )
+        await problem.response(scope["path"])(scope, receive, send)

@@ -264,12 +264,21 @@ async def bare_fastapi(bench: Bench, connections: int) -> dict[str, float]:
             "warning",
         ),
     )
+    watch = Watch({"server": lambda: [server.pid]})
     try:
         async with httpx.AsyncClient() as client:
             await bench.until(lambda: _up(client, f"http://127.0.0.1:{port}/docs"), 30)
-        return await load.wrk(f"http://127.0.0.1:{port}/orders", connections, bench.size.seconds)
+        with watch.running():
+            url = f"http://127.0.0.1:{port}/orders"
+            result = await load.wrk(url, connections, bench.size.seconds)
+        return {**result, **_per_order(watch, result["rate"])}
     finally:
         server.kill()
+
+
+def _per_order(watch: "Watch", rate: float) -> dict[str, float]:
+    """CPU time per order of each watched group (``us_<group>``), at ``rate`` orders/s."""
+    return {f"us_{group}": cores / max(rate, 1e-9) * 1e6 for group, cores in watch.cpu.items()}
 
 
 async def _up(client: httpx.AsyncClient, url: str) -> bool:
@@ -283,12 +292,18 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
     """(1) POST /orders, one order per request, the relay publishing as it goes."""
     await bench.reset()
     producer = await bench.producer()
-    watch = Watch({"producer": lambda: [producer.pid]})
+    watch = Watch(
+        {
+            "producer": lambda: [producer.pid],
+            "broker": lambda: _pids("rabbitmq"),
+            "database": lambda: _pids("postgres"),
+        }
+    )
     try:
         with watch.running():
             result = await load.wrk(f"{producer.base_url}/orders", connections, bench.size.seconds)
         result["producer_rss_mb"] = watch.peak_rss["producer"] / 2**20
-        return result
+        return {**result, **_per_order(watch, result["rate"])}
     finally:
         await bench.stop_all()
 
@@ -580,14 +595,37 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
             " ms",
             f"p99 {_fmt(m(f'submit{c}', 'p99_ms'), ' ms')}",
         )
+    # What bounds submit: CPU per order of every process, and what two cores allow at that cost.
+    submit_groups = ("producer", "broker", "database", "wrk")
+    for group in submit_groups:
+        add(f"CPU per order, submit c=16: {group}", m("submit16", f"us_{group}"), " µs")
+    add(
+        "CPU per request, bare app (a) c=16: server / wrk",
+        m("bare16", "us_server"),
+        " µs",
+        f"wrk: {_fmt(m('bare16', 'us_wrk'), ' µs')}",
+    )
+    add(
+        "submit c=16: the ceiling of 2 cores at that CPU per order",
+        _ceiling(r["submit16"], submit_groups),
+        " orders/s",
+        f"70% of (a): {0.7 * m('bare16')[0]:,.0f}",
+    )
     against("batch submit, 1,000 per request: orders/s", "batch", "raw_publish", "(b)", 0.9)
     against("relay publish, committed → confirmed: orders/s", "relay", "raw_publish", "(b)", 0.9)
     against("drain, 1 consumer: orders/s", "drain1", "raw_consume", "(c)", 0.7)
     against("drain, 2 consumers: orders/s", "drain2", "drain1", "drain, 1 consumer", 1.3)
     for group in ("consumer", "broker", "database"):
         add(f"CPU during the 2-consumer drain: {group}", m("drain2", f"cpu_{group}"), "% of a core")
-    for group in ("consumer", "broker", "database"):
+    drain_groups = ("consumer", "broker", "database")
+    for group in drain_groups:
         add(f"CPU per order, 1-consumer drain: {group}", m("drain1", f"us_{group}"), " µs")
+    add(
+        "drain: the ceiling of 2 cores at that CPU per order",
+        _ceiling(r["drain1"], drain_groups),
+        " orders/s",
+        f"70% of (c): {0.7 * m('raw_consume')[0]:,.0f}",
+    )
     add("end to end, HTTP → completed: orders/s sustained", m("e2e"))
     half = _median(r["e2e"], "half_rate")[0]
     add(f"end to end at half load ({half:.0f}/s): p50", m("e2e", "p50_ms"), " ms")
@@ -629,6 +667,12 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
         target="bounded",
     )
     return lines
+
+
+def _ceiling(runs: list[dict[str, float]], groups: tuple[str, ...]) -> tuple[float, float, float]:
+    """Orders/s that 2 cores could carry, each run, were they all spent at its CPU per order."""
+    ceilings = [(os.cpu_count() or 2) * 1e6 / sum(run[f"us_{g}"] for g in groups) for run in runs]
+    return statistics.median(ceilings), min(ceilings), max(ceilings)
 
 
 def _versions() -> str:

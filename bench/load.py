@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ LUA = Path(__file__).with_name("submit.lua")
 
 
 async def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
-    """POST /orders for ``seconds`` with ``connections`` open; accepted/s and latency in ms."""
+    """POST /orders for ``seconds`` with ``connections`` open: accepted/s, latency in ms, and
+    the CPU time wrk itself used per accepted request (``us_wrk``)."""
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk is not installed: apt-get install wrk")
@@ -32,17 +34,21 @@ async def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "ORDERS_API_KEY": API_KEY},
     )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out, _ = await process.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child waited for
     found = re.search(rb"WRK (\{.*\})", out)
     if not found:
         raise RuntimeError(f"wrk printed no result: {out.decode(errors='replace')}")
     r = json.loads(found.group(1))
     accepted = r["requests"] - r["status_errors"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "rate": accepted / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1000,
         "p99_ms": r["p99_us"] / 1000,
         "errors": r["status_errors"] + r["socket_errors"],
+        "us_wrk": cpu / max(accepted, 1) * 1e6,
     }
 
 

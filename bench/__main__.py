@@ -1,13 +1,16 @@
 """``make bench``: the system against its own raw baselines, measured in one run on this machine.
 
-Runs the producer and consumers as local processes against RABBITMQ_URL / DATABASE_URL (default:
-vhost and database ``orders_bench`` on the local services; both are emptied), and prints one
-table: every figure the median of ``--runs`` runs with min-max, the baselines, the ratios and the
-targets of docs/performance.md. ``--smoke`` runs each phase once on a tiny load, no targets.
+Runs the producer and consumers as local processes against BENCH_RABBITMQ_URL /
+BENCH_DATABASE_URL (default: vhost and database ``orders_bench`` on the local services; both are
+emptied), and prints one table: every figure the median of ``--runs`` runs with min-max, the
+baselines, the ratios and the targets of docs/performance.md. ``--smoke`` runs each phase once
+on a tiny load, no targets. BENCH_PREFETCH, BENCH_CONCURRENCY and BENCH_ORDER_WORK_MS set the
+consumers' PREFETCH, CONCURRENCY and ORDER_WORK_MS.
 """
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import shutil
@@ -727,6 +730,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny load, one run, no targets")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="comma-separated phases to run (bare16, drain1, ...)")
+    parser.add_argument("--backlog", type=int, help="orders for the relay and the drains")
     args = parser.parse_args()
     amqp_url = os.environ.get(
         "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
@@ -737,9 +741,12 @@ def main() -> int:
     consumer_env = {
         "PREFETCH": os.environ.get("BENCH_PREFETCH", "256"),
         "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "128"),
+        "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
     }
     _prepare(amqp_url, database_url)
     size = SMOKE if args.smoke else FULL
+    if args.backlog:
+        size = dataclasses.replace(size, backlog=args.backlog)
     bench = Bench(amqp_url, database_url, size, consumer_env)
     started = time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
@@ -747,7 +754,8 @@ def main() -> int:
     print(
         f"\n{'smoke' if args.smoke else 'full'} run, {_versions()};"
         f" consumers with PREFETCH={consumer_env['PREFETCH']}"
-        f" CONCURRENCY={consumer_env['CONCURRENCY']}, ORDER_WORK_MS=0;"
+        f" CONCURRENCY={consumer_env['CONCURRENCY']},"
+        f" ORDER_WORK_MS={consumer_env['ORDER_WORK_MS']};"
         f" took {time.perf_counter() - started:.0f} s\n"
     )
     print("\n".join(lines))

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import os
 import platform
+import pwd
 import shutil
 import signal
 import statistics
@@ -207,8 +208,20 @@ def _proc_stat(pid: int) -> tuple[float, int]:
 
 
 def _pids(user: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True, check=False)
-    return [int(p) for p in found.stdout.split()]
+    """The processes of ``user``, read from /proc: no child process, so nothing of the watching
+    is counted as wrk's CPU (load.wrk reads its children's usage)."""
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                found.append(int(entry))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 class Watch:

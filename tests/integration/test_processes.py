@@ -87,10 +87,28 @@ async def test_producer_process_serves_the_documented_interface(spawn) -> None:
         ready = await wait_until(lambda: _ready(client), 20, "/readyz")
         assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok"}
         assert (await client.get("/openapi.json")).status_code == 200
+    await _idle_connection_outlives_httpx_keep_alive(producer.port)
     producer.signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal: exit status 128 + 15.
     assert await producer.wait(timeout=20) == -signal.SIGTERM
     assert "Application shutdown complete" in producer.log()
+
+
+async def _idle_connection_outlives_httpx_keep_alive(port: int) -> None:
+    """httpx drops an idle connection after 5 s, uvicorn's default too: a client reusing one at
+    that moment got a reset (KEEP_ALIVE_SECONDS). The producer keeps it open longer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for pause in (0, 6):
+            await asyncio.sleep(pause)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: producer\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+    finally:
+        writer.close()
 
 
 async def _ready(client: httpx.AsyncClient) -> httpx.Response | None:

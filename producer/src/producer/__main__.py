@@ -27,6 +27,7 @@ def main() -> None:
         log_config=None,  # uvicorn logs through the root handler, like everything else
         log_level=settings.log_level.lower(),
         access_log=False,
+        timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=10,
     )
 

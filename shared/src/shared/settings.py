@@ -59,6 +59,9 @@ class ProducerSettings(Settings):
 
     host: str = "0.0.0.0"
     port: int = 8000
+    # Longer than clients and proxies keep an idle connection (httpx 5 s, load balancers 60 s):
+    # the client then closes it first, never reusing one the server is closing at that moment.
+    keep_alive_seconds: int = Field(65, ge=1, description="seconds an idle HTTP connection stays")
     max_body_bytes: int = Field(1_048_576, gt=0)
     db_pool_size: int = Field(10, ge=1)
     relay_batch: int = Field(1000, ge=1, description="outbox rows published per round")

@@ -30,11 +30,15 @@ async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
 
 
 async def consume(url: str, count: int, prefetch: int = 100) -> float:
-    """Manual acks, a no-op handler, ``prefetch`` unacked; msgs/s. Needs ``publish`` first."""
+    """Manual acks, a no-op handler, ``prefetch`` unacked; msgs/s. Consumes what ``publish``
+    left in the queue, or publishes ``count`` first (untimed) when it left too few."""
     async with await aio_pika.connect(url) as connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.declare_queue(QUEUE, durable=True)
+        assert queue.declaration_result.message_count is not None
+        if queue.declaration_result.message_count < count:
+            await publish(url, count)
         done = asyncio.Event()
         seen = 0
 

@@ -754,7 +754,7 @@ def main() -> int:
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/orders_bench"
     )
     consumer_env = {
-        "PREFETCH": os.environ.get("BENCH_PREFETCH", "256"),
+        "PREFETCH": os.environ.get("BENCH_PREFETCH", "512"),
         "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "128"),
         "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
     }

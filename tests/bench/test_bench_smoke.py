@@ -1,11 +1,14 @@
 """The benchmark harness, run tiny so it cannot rot: every phase runs and the table prints."""
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from yarl import URL
+
+from bench import baselines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +51,9 @@ def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -
     ):
         assert any(figure in f for f in figures), figure
     assert "nan" not in result.stdout
+
+
+async def test_raw_consume_baseline_alone_publishes_what_it_consumes(rabbitmq_url: str) -> None:
+    """``--only raw_consume``: no publish phase ran before it, so it fills the queue itself."""
+    async with asyncio.timeout(60):
+        assert await baselines.consume(rabbitmq_url, 200) > 0

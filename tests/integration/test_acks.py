@@ -6,9 +6,10 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from consumer.acks import Acks
+from consumer.delivery import Delivery
 
 
 @pytest.fixture
@@ -19,13 +20,13 @@ async def queue(channel: AbstractChannel) -> Any:
     await queue.delete(if_unused=False, if_empty=False)
 
 
-async def take(queue: AbstractQueue, n: int, acks: Acks) -> list[AbstractIncomingMessage]:
+async def take(queue: AbstractQueue, n: int, acks: Acks) -> list[Delivery]:
     for i in range(n):
         await queue.channel.default_exchange.publish(aio_pika.Message(b"%d" % i), queue.name)
+    underlay = await queue.channel.get_underlay_channel()
     taken = []
     for _ in range(n):
-        message = await queue.get(no_ack=False, timeout=5)
-        assert message is not None
+        message = Delivery(await underlay.basic_get(queue.name, no_ack=False, timeout=5))
         acks.delivered(message)
         taken.append(message)
     return taken

@@ -11,6 +11,7 @@ from asyncpg.pgproto import pgproto
 from pamqp import commands
 from pamqp.common import FieldTable
 
+from consumer.delivery import Delivery
 from shared import messages, topology
 from shared.errors import InvalidMessage
 
@@ -19,14 +20,16 @@ ORDER = messages.OrderMessage(
 )
 
 
-def delivery(message: aio_pika.Message | messages.Outgoing) -> aio_pika.IncomingMessage:
-    """What a consumer would receive for ``message``."""
+def delivered(message: aio_pika.Message | messages.Outgoing) -> DeliveredMessage:
+    """The frames a consumer would receive for ``message``."""
     props = message.properties
     frame = commands.Basic.Deliver(delivery_tag=1, exchange="orders", routing_key="order.created")
-    return aio_pika.IncomingMessage(
-        DeliveredMessage(delivery=frame, header=_header(props), body=message.body, channel=None),  # type: ignore[arg-type]
-        no_ack=True,
-    )
+    return DeliveredMessage(delivery=frame, header=_header(props), body=message.body, channel=None)  # type: ignore[arg-type]
+
+
+def delivery(message: aio_pika.Message | messages.Outgoing) -> Delivery:
+    """What the consumer's worker hands its handlers for ``message``."""
+    return Delivery(delivered(message))
 
 
 def _header(props: Any) -> Any:
@@ -37,7 +40,7 @@ def _header(props: Any) -> Any:
 
 def raw(
     body: bytes, type_: str | None = "order.created", headers: FieldTable | None = None
-) -> aio_pika.IncomingMessage:
+) -> Delivery:
     return delivery(
         aio_pika.Message(body, type=type_, content_type="application/json", headers=headers)
     )
@@ -112,9 +115,7 @@ def test_crawl_task_round_trips_with_priority_from_depth(
         (raw(orjson.dumps(ORDER.model_dump(mode="json")), type_=None), "unknown message type"),
     ],
 )
-def test_decode_names_why_a_message_is_poison(
-    incoming: aio_pika.IncomingMessage, reason: str
-) -> None:
+def test_decode_names_why_a_message_is_poison(incoming: Delivery, reason: str) -> None:
     with pytest.raises(InvalidMessage, match=reason):
         messages.decode(incoming)
 
@@ -131,6 +132,34 @@ def test_decode_names_why_a_message_is_poison(
 )
 def test_attempt_header_is_read_defensively(headers: FieldTable | None, attempt: int) -> None:
     assert messages.attempt_of(raw(b"{}", headers=headers)) == attempt
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        messages.encode(ORDER, attempt=2),
+        aio_pika.Message(b"{}"),  # another client's bare message: no headers, no priority
+        aio_pika.Message(
+            b"x",
+            content_encoding="gzip",
+            correlation_id="c-9",
+            app_id="shop",
+            timestamp=1_700_000_000,
+            priority=7,
+            type="order.created",
+        ),
+    ],
+)
+def test_a_delivery_reads_what_aio_pikas_incoming_message_reads(
+    message: aio_pika.Message | messages.Outgoing,
+) -> None:
+    frames = delivered(message)
+    ours, theirs = Delivery(frames), aio_pika.IncomingMessage(frames, no_ack=True)
+    read = [name for name, v in vars(messages.Received).items() if isinstance(v, property)]
+    assert len(read) == 10
+    for name in read:
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert (ours.delivery_tag, ours.redelivered) == (theirs.delivery_tag, theirs.redelivered)
 
 
 def test_forward_keeps_priority_and_identity_and_replaces_headers() -> None:

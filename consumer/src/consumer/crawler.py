@@ -20,8 +20,8 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.delivery import Delivery
 from consumer.fetcher import Fetcher, Page
 from consumer.metrics import Metrics
 from shared import db, messages, topology, urls
@@ -99,14 +99,14 @@ class CrawlHandler:
         self.concurrency, self.prefetch = settings.crawl_concurrency, settings.crawl_prefetch
         self.max_attempts, self.timeout = settings.crawl_max_attempts, settings.crawl_task_timeout
 
-    def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
+    def place(self, message: Delivery) -> tuple[Frontier, int]:
         try:
             task = messages.decode_task(message)
         except InvalidMessage:
             return Frontier.FIFO, 0  # dead-lettered when its turn comes
         return task.frontier, task.depth
 
-    async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
+    async def process(self, message: Delivery, attempt: int) -> str:
         task = messages.decode_task(message)
         takeover = message.redelivered or attempt > 1
         claim = await self.pool.fetchrow(CLAIM, task.page_id, takeover, LEASE_SECONDS)
@@ -178,7 +178,7 @@ class CrawlHandler:
             )
             await conn.execute(CLOSE_IF_DONE, crawl_id)
 
-    async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
+    async def retrying(self, message: Delivery, error: str, delay_ms: int) -> None:
         if (page_id := messages.order_id_of(message)) is not None:
             await self.pool.execute(
                 """UPDATE crawl_pages SET status = 'queued', error = $2, claimed_until = NULL
@@ -187,7 +187,7 @@ class CrawlHandler:
                 error,
             )
 
-    async def failed(self, message: AbstractIncomingMessage, error: str) -> None:
+    async def failed(self, message: Delivery, error: str) -> None:
         if (page_id := messages.order_id_of(message)) is None:
             return
         crawl_id = await self.pool.fetchval(

@@ -14,8 +14,8 @@ from operator import attrgetter
 from uuid import UUID
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.delivery import Delivery
 from consumer.metrics import Metrics
 from shared import messages, topology
 from shared.batch import Batcher
@@ -61,10 +61,10 @@ class OrderHandler:
         self.start = Batcher(self._start, key=attrgetter("id"))
         self.reserve = Batcher(self._reserve, key=attrgetter("id"))
 
-    def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
+    def place(self, message: Delivery) -> tuple[Frontier, int]:
         return Frontier.PRIORITY, -(message.priority or 0)
 
-    async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
+    async def process(self, message: Delivery, attempt: int) -> str:
         """Run one attempt of an order; raises on a transient failure."""
         order = messages.decode(message)
         started = await self.start(order)
@@ -76,11 +76,11 @@ class OrderHandler:
         await external_work(order.id, attempt, self.settings)
         return await self.reserve(order)
 
-    async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
+    async def retrying(self, message: Delivery, error: str, delay_ms: int) -> None:
         if (order_id := messages.order_id_of(message)) is not None:
             await mark_retrying(self.pool, order_id, error, delay_ms)
 
-    async def failed(self, message: AbstractIncomingMessage, error: str) -> None:
+    async def failed(self, message: Delivery, error: str) -> None:
         if (order_id := messages.order_id_of(message)) is not None:
             await mark_failed(self.pool, order_id, error)
 

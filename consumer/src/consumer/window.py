@@ -16,11 +16,10 @@ import asyncio
 import itertools
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
+from consumer.delivery import Delivery
 from shared.messages import Frontier
 
-Entry = tuple[int, int, AbstractIncomingMessage]  # key, arrival, delivery
+Entry = tuple[int, int, Delivery]  # key, arrival, delivery
 
 
 class Window:
@@ -38,11 +37,11 @@ class Window:
     def __len__(self) -> int:
         return sum(q.qsize() for q in self._queues.values())
 
-    def put(self, message: AbstractIncomingMessage, order: Frontier, key: int = 0) -> None:
+    def put(self, message: Delivery, order: Frontier, key: int = 0) -> None:
         self._queues[order].put_nowait((key, next(self._arrival), message))
         self._ready.release()
 
-    async def get(self) -> AbstractIncomingMessage | None:
+    async def get(self) -> Delivery | None:
         """The next delivery to handle; ``None`` once the window is closed."""
         await self._ready.acquire()
         if self.closed:
@@ -54,7 +53,7 @@ class Window:
                 return queue.get_nowait()[2]
         raise AssertionError("a delivery was counted but none is waiting")
 
-    def close(self) -> list[AbstractIncomingMessage]:
+    def close(self) -> list[Delivery]:
         """Stop handing out deliveries; returns those never started."""
         self.closed = True
         self._ready.release()

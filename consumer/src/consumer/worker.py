@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
-from aio_pika import IncomingMessage
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry, start_http_server
 
 from consumer.acks import Acks
 from consumer.crawler import CrawlHandler
+from consumer.delivery import Delivery
 from consumer.fetcher import Fetcher
 from consumer.metrics import Metrics
 from consumer.orders import OrderHandler
@@ -61,16 +61,16 @@ class Handler(Protocol):
     max_attempts: int
     timeout: float  # seconds one attempt may take
 
-    def place(self, message: AbstractIncomingMessage) -> tuple[Frontier, int]:
+    def place(self, message: Delivery) -> tuple[Frontier, int]:
         """Where a delivery waits in the window: which queue, and its key there."""
 
-    async def process(self, message: AbstractIncomingMessage, attempt: int) -> str:
+    async def process(self, message: Delivery, attempt: int) -> str:
         """Handle one attempt and return its outcome; raise to retry or dead-letter."""
 
-    async def retrying(self, message: AbstractIncomingMessage, error: str, delay_ms: int) -> None:
+    async def retrying(self, message: Delivery, error: str, delay_ms: int) -> None:
         """Record that the attempt failed and the next one comes in ``delay_ms``."""
 
-    async def failed(self, message: AbstractIncomingMessage, error: str) -> None:
+    async def failed(self, message: Delivery, error: str) -> None:
         """Record that the message went to the dead-letter queue."""
 
 
@@ -180,7 +180,7 @@ class Worker:
 
     def _receiver(self, lane: _Lane) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         async def receive(delivered: DeliveredMessage) -> None:
-            message = IncomingMessage(delivered)
+            message = Delivery(delivered)
             lane.acks.delivered(message)
             if lane.window.closed:
                 await _requeue(lane, message)
@@ -207,7 +207,7 @@ class Worker:
             finally:
                 lane.busy -= 1
 
-    async def handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+    async def handle(self, lane: _Lane, message: Delivery) -> None:
         """Process one delivery and settle it: ack, retry or dead-letter."""
         handler = lane.handler
         attempt = messages.attempt_of(message)
@@ -230,7 +230,7 @@ class Worker:
             log.info("%s %s %s (attempt %d)", handler.noun, message.message_id, outcome, attempt)
 
     async def _retry_later(
-        self, lane: _Lane, message: AbstractIncomingMessage, exc: Exception, attempt: int
+        self, lane: _Lane, message: Delivery, exc: Exception, attempt: int
     ) -> None:
         s = self.settings
         delay = retry_delay_ms(attempt, s.retry_base_ms, s.retry_cap_ms)
@@ -251,7 +251,7 @@ class Worker:
     async def _dead_letter(
         self,
         lane: _Lane,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         exc: Exception,
         attempt: int,
         reason: str,
@@ -272,7 +272,7 @@ class Worker:
     async def _move(
         self,
         lane: _Lane,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         exchange: AbstractExchange,
         headers: dict[str, object],
         routing_key: str,
@@ -295,7 +295,7 @@ class Worker:
         await lane.acks.ack(message)
 
 
-async def _requeue(lane: _Lane, message: AbstractIncomingMessage) -> None:
+async def _requeue(lane: _Lane, message: Delivery) -> None:
     """Give a delivery back at once; never leave one unacked on a live channel."""
     if not lane.channel.is_closed:
         with contextlib.suppress(Exception):  # a closed channel requeues it anyway
@@ -316,7 +316,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _failure_headers(message: AbstractIncomingMessage, exc: Exception) -> dict[str, object]:
+def _failure_headers(message: Delivery, exc: Exception) -> dict[str, object]:
     now = datetime.now(UTC).isoformat()
     first = (message.headers or {}).get(messages.FIRST_FAILURE_AT, now)
     return {

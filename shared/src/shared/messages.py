@@ -9,13 +9,14 @@ matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, b
 
 import unicodedata
 from collections.abc import Mapping
+from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypeVar
 from uuid import UUID
 
 import orjson
 from aio_pika import DeliveryMode, Message
-from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from aio_pika.abc import HeadersType
 from aiormq import spec
 from pydantic import (
     AfterValidator,
@@ -161,12 +162,38 @@ def _message(
     return Outgoing(body, properties)
 
 
-def decode(message: AbstractIncomingMessage) -> OrderMessage:
+class Received(Protocol):
+    """What the contract reads of a delivery: the consumer's ``Delivery`` or aio-pika's
+    ``IncomingMessage`` (the dead-letter tools take messages with ``basic.get``)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> HeadersType: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def content_encoding(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def app_id(self) -> str | None: ...
+
+
+def decode(message: Received) -> OrderMessage:
     """The order in a delivery, or ``InvalidMessage`` saying why it is not one."""
     return _decode(message, MESSAGE_TYPE, OrderMessage, "order")
 
 
-def decode_task(message: AbstractIncomingMessage) -> CrawlTask:
+def decode_task(message: Received) -> CrawlTask:
     """The crawl task in a delivery, or ``InvalidMessage`` saying why it is not one."""
     return _decode(message, CRAWL_MESSAGE_TYPE, CrawlTask, "crawl task")
 
@@ -174,7 +201,7 @@ def decode_task(message: AbstractIncomingMessage) -> CrawlTask:
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _decode(message: AbstractIncomingMessage, message_type: str, model: type[_M], noun: str) -> _M:
+def _decode(message: Received, message_type: str, model: type[_M], noun: str) -> _M:
     if message.type != message_type:
         raise InvalidMessage(f"unknown message type {message.type!r}")
     if message.content_type not in (None, CONTENT_TYPE):
@@ -196,13 +223,13 @@ def _decode(message: AbstractIncomingMessage, message_type: str, model: type[_M]
         raise InvalidMessage(f"invalid {noun}: {_summary(exc)}") from None
 
 
-def attempt_of(message: AbstractIncomingMessage) -> int:
+def attempt_of(message: Received) -> int:
     """The 1-based attempt a delivery stands for (1 when the header is absent or unreadable)."""
     value = (message.headers or {}).get(ATTEMPT)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
-def order_id_of(message: AbstractIncomingMessage) -> UUID | None:
+def order_id_of(message: Received) -> UUID | None:
     """The order (or crawl page) a delivery names in ``message_id``, even when its body is
     unreadable."""
     try:
@@ -211,7 +238,7 @@ def order_id_of(message: AbstractIncomingMessage) -> UUID | None:
         return None
 
 
-def forward(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> Message:
+def forward(message: Received, headers: Mapping[str, Any]) -> Message:
     """A persistent copy of a delivery, its priority kept, with some headers replaced."""
     merged: HeadersType = {**(message.headers or {}), **headers}
     return Message(

@@ -71,6 +71,10 @@ def test_a_stored_order_is_encoded_exactly_as_the_model() -> None:
     assert stored.properties == model.properties
 
 
+def test_items_json_holds_every_field_of_every_line() -> None:
+    assert orjson.loads(messages.items_json(ORDER)) == [i.model_dump() for i in ORDER.items]
+
+
 def test_decode_round_trips() -> None:
     assert messages.decode(delivery(messages.encode(ORDER))) == ORDER
 

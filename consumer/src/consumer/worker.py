@@ -87,6 +87,9 @@ class _Lane:
     tag: str = ""
     busy: int = 0  # deliveries being handled now
 
+    def __post_init__(self) -> None:
+        self.handler.metrics.in_flight.set_function(lambda: self.busy)  # read when scraped
+
 
 class Worker:
     """Consumes every handler's work queue with manual acks."""
@@ -199,8 +202,7 @@ class Worker:
                 metrics.redeliveries.inc()
             lane.busy += 1
             try:
-                with metrics.in_flight.track_inprogress():
-                    await self.handle(lane, message)
+                await self.handle(lane, message)
             except Exception:
                 log.exception("could not settle message %s; requeueing it", message.message_id)
                 await _requeue(lane, message)

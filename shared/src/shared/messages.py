@@ -113,7 +113,7 @@ class CrawlTask(_Strict):
 
 def items_json(order: NewOrder) -> str:
     """An order's lines as the JSON text PostgreSQL stores in ``orders.items``."""
-    return orjson.dumps([item.model_dump() for item in order.items]).decode()
+    return orjson.dumps([{"sku": i.sku, "quantity": i.quantity} for i in order.items]).decode()
 
 
 class Outgoing(NamedTuple):

@@ -297,6 +297,41 @@ async def test_a_round_claims_only_the_sources_that_are_due(
     await wait_until(swept_while_busy, 10, "the sweep while orders keep coming")
 
 
+async def test_one_round_in_flight_until_a_claim_comes_back_full(
+    start_api: ApiFactory, conn: asyncpg.Connection
+) -> None:
+    """Orders committed while a round waits for its confirms go out together in the next round;
+    behind a backlog (a claim that comes back full) the second publisher joins in."""
+    api = await start_api(relay_batch=3, relay_interval=3.0, demo_catalogue=True)
+    relay = api.app.state.relay  # type: ignore[attr-defined]
+    await wait_until(lambda: _connected(relay), 20, "the relay to connect")
+    in_flight, most = 0, 0
+    publish_pending = relay.publish_pending
+
+    async def slow(channel: Any, sources: Sequence[Source]) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.3)  # a round waiting on slow confirms
+            await publish_pending(channel, sources)
+        finally:
+            in_flight -= 1
+
+    relay.publish_pending = slow
+    await asyncio.sleep(0.5)  # the round at connect
+    most = 0
+    for _ in range(2):  # the second is committed while the first one's round is in flight
+        await submit(api, ("PEN-1", 1))
+        await asyncio.sleep(0.05)
+    await wait_until(lambda: _outbox_empty(conn), 10, "two orders to be published")
+    assert most == 1
+    most = 0
+    await asyncio.gather(*(submit(api, ("PEN-1", 1)) for _ in range(12)))
+    await wait_until(lambda: _outbox_empty(conn), 10, "twelve orders to be published")
+    assert most == 2
+
+
 async def _connected(relay: Any) -> bool:
     return bool(relay.connected)
 

@@ -740,12 +740,27 @@ def _prepare(amqp_url: str, database_url: str) -> None:
     uvloop.run(create())
 
 
+async def round_sizes(amqp_url: str) -> list[str]:
+    """RabbitMQ's CPU per confirmed message by the size of a publisher's rounds (the relay's
+    rounds grow with the orders committed while one waits for its confirms)."""
+    lines = ["| round | messages/s | broker CPU per message |", "|---|---|---|"]
+    for size in (1, 4, 16, 64, 256):
+        watch = Watch({"broker": lambda: _pids("rabbitmq")})
+        with watch.running():
+            rate = await baselines.publish_rounds(amqp_url, size, 1_024 if size < 16 else 8_192)
+        lines.append(f"| {size} | {rate:,.0f} | {watch.cpu['broker'] / rate * 1e6:,.0f} µs |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny load, one run, no targets")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="comma-separated phases to run (bare16, drain1, ...)")
     parser.add_argument("--backlog", type=int, help="orders for the relay and the drains")
+    parser.add_argument(
+        "--rounds", action="store_true", help="only the broker's CPU per message by round size"
+    )
     args = parser.parse_args()
     amqp_url = os.environ.get(
         "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
@@ -759,6 +774,9 @@ def main() -> int:
         "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
     }
     _prepare(amqp_url, database_url)
+    if args.rounds:
+        print("\n".join(uvloop.run(round_sizes(amqp_url))))
+        return 0
     size = SMOKE if args.smoke else FULL
     if args.backlog:
         size = dataclasses.replace(size, backlog=args.backlog)

@@ -56,3 +56,29 @@ async def consume(url: str, count: int, prefetch: int = 100) -> float:
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
         return rate
+
+
+async def publish_rounds(url: str, size: int, count: int) -> float:
+    """Persistent messages to a durable priority queue in rounds of ``size``, each round
+    waiting for all its confirms before the next (as one outbox publisher does); msgs/s."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            QUEUE + ".rounds", durable=True, arguments={"x-max-priority": 9}
+        )
+        await queue.purge()
+        body = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
+        started = time.perf_counter()
+        for _ in range(count // size):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=queue.name,
+                    )
+                    for _ in range(size)
+                )
+            )
+        rate = count // size * size / (time.perf_counter() - started)
+        await queue.delete(if_unused=False, if_empty=False)
+        return rate

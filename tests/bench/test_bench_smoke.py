@@ -57,3 +57,9 @@ async def test_raw_consume_baseline_alone_publishes_what_it_consumes(rabbitmq_ur
     """``--only raw_consume``: no publish phase ran before it, so it fills the queue itself."""
     async with asyncio.timeout(60):
         assert await baselines.consume(rabbitmq_url, 200) > 0
+
+
+async def test_rounds_probe_publishes_every_message_of_its_rounds(rabbitmq_url: str) -> None:
+    """``--rounds``: a rate for rounds of a given size, and the queue gone afterwards."""
+    async with asyncio.timeout(60):
+        assert await baselines.publish_rounds(rabbitmq_url, 4, 40) > 0

@@ -14,9 +14,10 @@ sweep that catches whatever a lost wake-up left behind). An order's commit costs
 crawl pages, and a publisher that finds nothing due goes back to sleep without a query.
 
 One round is in flight at a time until a claim comes back full: what is committed meanwhile goes
-out with the next round. RabbitMQ's work per message falls steeply with the round's size (about
-830 µs per message alone, 440 in fours, 210 in sixteens on the benchmark machine), so fewer, fuller
-rounds leave the cores to the requests; behind a backlog the second publisher joins in.
+out with the next round. RabbitMQ's work per message falls steeply with the round's size
+(``python -m bench --rounds``: about 780 µs of its CPU per message alone, 380 in fours, 160 in
+sixteens), so fewer, fuller rounds leave the cores to the requests; behind a backlog the second
+publisher joins in.
 """
 
 import asyncio

@@ -62,7 +62,7 @@ class OrderHandler:
         self.reserve = Batcher(self._reserve, key=attrgetter("id"))
 
     def place(self, message: Delivery) -> tuple[Frontier, int]:
-        return Frontier.PRIORITY, -(message.priority or 0)
+        return Frontier.PRIORITY, -message.priority
 
     async def process(self, message: Delivery, attempt: int) -> str:
         """Run one attempt of an order; raises on a transient failure."""

@@ -6,6 +6,11 @@ import time
 import aio_pika
 
 QUEUE = "bench.raw"
+BODY = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
+
+
+def _message() -> aio_pika.Message:
+    return aio_pika.Message(BODY, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 
 async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
@@ -14,15 +19,11 @@ async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(QUEUE, durable=True)
         await queue.purge()
-        body = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
         slots = asyncio.Semaphore(in_flight)
 
         async def one() -> None:
             async with slots:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=QUEUE,
-                )
+                await channel.default_exchange.publish(_message(), routing_key=QUEUE)
 
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
@@ -67,13 +68,12 @@ async def publish_rounds(url: str, size: int, count: int) -> float:
             QUEUE + ".rounds", durable=True, arguments={"x-max-priority": 9}
         )
         await queue.purge()
-        body = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
         started = time.perf_counter()
         for _ in range(count // size):
             await asyncio.gather(
                 *(
                     channel.default_exchange.publish(
-                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        _message(),
                         routing_key=queue.name,
                     )
                     for _ in range(size)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aio_pika
+import pytest
 from yarl import URL
 
 from bench import baselines
@@ -59,7 +61,11 @@ async def test_raw_consume_baseline_alone_publishes_what_it_consumes(rabbitmq_ur
         assert await baselines.consume(rabbitmq_url, 200) > 0
 
 
-async def test_rounds_probe_publishes_every_message_of_its_rounds(rabbitmq_url: str) -> None:
-    """``--rounds``: a rate for rounds of a given size, and the queue gone afterwards."""
+async def test_rounds_probe_gives_a_rate_and_leaves_no_queue(rabbitmq_url: str) -> None:
+    """``--rounds``: a rate for rounds of a given size, and its queue deleted afterwards."""
     async with asyncio.timeout(60):
         assert await baselines.publish_rounds(rabbitmq_url, 4, 40) > 0
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(baselines.QUEUE + ".rounds", passive=True)

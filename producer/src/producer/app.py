@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from producer import api, crawls, dashboard, problems
 from producer.auth import Guard, require_key
+from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
 from producer.outbox import Relay
 from shared import db
@@ -74,6 +75,8 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     app.include_router(api.health)
     app.include_router(dashboard.router, dependencies=keyed if settings.dashboard_needs_key else [])
     app.add_middleware(RequestMetrics, metrics=metrics, excluded=("/metrics",))
+    # Outermost: the valid orders it answers skip FastAPI's machinery; it hands on the rest.
+    app.add_middleware(SubmitFastPath, state=app.state, max_body_bytes=settings.max_body_bytes)
 
     @app.get(
         "/metrics",

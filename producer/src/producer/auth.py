@@ -72,17 +72,19 @@ class Guard:
         return 0.0
 
 
-def presented_key(request: Request) -> str | None:
-    if key := request.headers.get("X-API-Key"):
-        return key
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The key a request presents, from its ``X-API-Key`` and ``Authorization`` headers."""
+    if x_api_key:
+        return x_api_key
+    scheme, _, token = (authorization or "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 async def require_key(request: Request) -> str:
     """FastAPI dependency: the caller's key name, or a 401 / 429 problem."""
     guard: Guard = request.app.state.guard
-    presented = presented_key(request)
+    headers = request.headers
+    presented = presented_key(headers.get("X-API-Key"), headers.get("Authorization"))
     name = guard.identify(presented) if presented else None
     if name is None:
         raise Problem(

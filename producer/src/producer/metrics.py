@@ -1,7 +1,7 @@
 """Prometheus metrics of the producer, in a registry of the app's own (exposed at /metrics)."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +17,8 @@ class Metrics:
     confirm_seconds: Histogram  # one relay round: publish until the last confirm
     outbox_backlog: Gauge  # orders committed but not yet confirmed by the broker
     queue_depth: Gauge  # messages ready in the work queue, as the relay last saw it
+    # Each label set of the two request metrics, resolved once: a request costs a dict lookup.
+    _per_request: dict[tuple[str, str, int], tuple[Any, Any]] = field(default_factory=dict)
 
     @classmethod
     def create(cls) -> "Metrics":
@@ -53,15 +55,24 @@ class Metrics:
             ),
         )
 
+    def request(self, handler: str, method: str, status: int, seconds: float) -> None:
+        """Count and time one HTTP request by its route's template."""
+        key = (handler, method, status // 100)
+        if (children := self._per_request.get(key)) is None:
+            children = self._per_request[key] = (
+                self.requests.labels(handler, method, f"{key[2]}xx"),
+                self.request_seconds.labels(handler, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
 
 class RequestMetrics:
     """ASGI middleware counting and timing every request by its route's template: "none" when
-    no route ran (an unknown path, or a body refused before routing), so the labels stay bounded.
-    Each label set is resolved once and kept: a request costs a dict lookup and two updates."""
+    no route ran (an unknown path, or a body refused before routing), so the labels stay bounded."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, excluded: tuple[str, ...] = ()) -> None:
         self.app, self.metrics, self.excluded = app, metrics, excluded
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,11 +93,6 @@ class RequestMetrics:
             route = scope.get("route")  # set by the router on this scope when a route matched
             handler = getattr(route, "path", None) or "none"
             if handler not in self.excluded:
-                key = (handler, scope["method"], status // 100)
-                if (children := self._children.get(key)) is None:
-                    children = self._children[key] = (
-                        self.metrics.requests.labels(handler, scope["method"], f"{key[2]}xx"),
-                        self.metrics.request_seconds.labels(handler, scope["method"]),
-                    )
-                children[0].inc()
-                children[1].observe(time.perf_counter() - started)
+                self.metrics.request(
+                    handler, scope["method"], status, time.perf_counter() - started
+                )

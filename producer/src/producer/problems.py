@@ -59,17 +59,33 @@ class Problem(Exception):
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """Answer every error, expected or not, as problem details."""
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
-    app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
-    for exc_type in UNAVAILABLE:
-        app.add_exception_handler(exc_type, _on_unavailable)
-    app.add_exception_handler(Exception, _on_unexpected)
+    handled: tuple[type[Exception], ...] = (Problem, *UNAVAILABLE, Exception)
+    for exc_type in handled:
+        app.add_exception_handler(exc_type, _on_error)
 
 
-async def _on_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Problem)
-    return exc.response(request.url.path)
+def answer(exc: Exception, instance: str) -> Response:
+    """The problem details for an error a request raised: its own, 503 when the database is
+    unreachable (nothing was stored), 500 (logged) for anything unexpected."""
+    if isinstance(exc, Problem):
+        return exc.response(instance)
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("database unavailable: %r", exc)
+        return Problem(
+            503,
+            "Service unavailable",
+            "The order store cannot be reached; nothing was stored. Try again shortly.",
+            "/problems/unavailable",
+            headers={"Retry-After": "1"},
+        ).response(instance)
+    log.error("unexpected error", exc_info=exc)
+    return Problem(500, "Internal server error").response(instance)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    return answer(exc, request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -106,22 +122,6 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _on_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %r", exc)
-    return Problem(
-        503,
-        "Service unavailable",
-        "The order store cannot be reached; nothing was stored. Try again shortly.",
-        "/problems/unavailable",
-        headers={"Retry-After": "1"},
-    ).response(request.url.path)
-
-
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error")
-    return Problem(500, "Internal server error").response(request.url.path)
-
-
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -129,7 +129,7 @@ def _reason(status: int) -> str:
         return "Error"
 
 
-def _is_json(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
@@ -164,7 +164,7 @@ class BodyGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if body and not _is_json(headers.get("content-type", "")):
+        if body and not is_json(headers.get("content-type", "")):
             unsupported = Problem(
                 415,
                 "Unsupported media type",

@@ -1,0 +1,116 @@
+"""``POST /orders`` without FastAPI's per-request machinery, for a request with nothing to refuse.
+
+FastAPI's middleware, routing, dependency solving and response model cost about half of the
+producer's CPU per accepted order (docs/performance.md). This ASGI middleware, the outermost of
+the app's own, answers a ``POST /orders`` itself when every check the route makes passes: a JSON
+body within the size limit that is a valid order, a valid ``Idempotency-Key`` or none, a known
+API key with budget left, and an outbox that is not overloaded. It then stores the order as the
+route does (``api.accept``) and answers the same 202.
+
+Any request it does not take, it hands on, with the body it read, to FastAPI, whose route and
+handlers answer it exactly as they always have: every refusal keeps one source. Nothing is
+spent before it takes a request, bar the rate limit's token, which it takes last.
+"""
+
+import time
+
+import orjson
+from pydantic import TypeAdapter
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from producer import api, problems
+from producer.auth import Guard, presented_key
+from producer.metrics import Metrics
+from shared.messages import NewOrder
+
+PATH = "/orders"
+_HEADERS = (b"content-length", b"content-type", b"idempotency-key", b"x-api-key", b"authorization")
+_KEY: TypeAdapter[str] = TypeAdapter(api.Key)
+
+
+class SubmitFastPath:
+    def __init__(self, app: ASGIApp, state: State, max_body_bytes: int) -> None:
+        self.app, self.state, self.max_body_bytes = app, state, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = _first(scope["headers"])
+        length = headers.get(b"content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await self.app(scope, receive, send)  # refused unread
+            return
+        messages = await self._read(receive)
+        admitted = self._admit(headers, messages)
+        if admitted is None:
+            await self.app(scope, _replaying(messages, receive), send)
+            return
+        try:
+            response = api.accepted(await api.accept(self.state, *admitted))
+        except Exception as exc:
+            response = problems.answer(exc, PATH)
+        try:
+            await response(scope, receive, send)
+        finally:
+            metrics: Metrics = self.state.metrics
+            metrics.request(PATH, "POST", response.status_code, time.perf_counter() - started)
+
+    async def _read(self, receive: Receive) -> list[Message]:
+        """What the client sent, up to the end of its body, a disconnect or the size limit."""
+        messages = [await receive()]
+        size = len(messages[0].get("body", b""))
+        while (
+            messages[-1]["type"] == "http.request"
+            and messages[-1].get("more_body", False)
+            and size <= self.max_body_bytes
+        ):
+            messages.append(await receive())
+            size += len(messages[-1].get("body", b""))
+        return messages
+
+    def _admit(
+        self, headers: dict[bytes, str], messages: list[Message]
+    ) -> tuple[NewOrder, str | None] | None:
+        """The order and its key, if the route would accept them; the caller's token is spent."""
+        if messages[-1]["type"] != "http.request" or messages[-1].get("more_body", False):
+            return None
+        body = b"".join(m.get("body", b"") for m in messages)
+        if len(body) > self.max_body_bytes or not problems.is_json(
+            headers.get(b"content-type", "")
+        ):
+            return None
+        key = headers.get(b"idempotency-key")
+        try:
+            order = NewOrder.model_validate(orjson.loads(body))
+            if key is not None:
+                _KEY.validate_python(key)
+        except ValueError:  # orjson's and pydantic's errors both are
+            return None
+        guard: Guard = self.state.guard
+        presented = presented_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
+        name = guard.identify(presented) if presented else None
+        if name is None or self.state.relay.overloaded or guard.take(name) > 0:
+            return None
+        return order, key
+
+
+def _first(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    """The first value of each header the fast path reads (as Starlette's ``Headers.get``)."""
+    found: dict[bytes, str] = {}
+    for name, value in raw:
+        if name in _HEADERS and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """``receive``, giving back first the ``messages`` already read."""
+    pending = messages[::-1]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

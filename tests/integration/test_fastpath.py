@@ -1,0 +1,125 @@
+"""POST /orders's fast path: it answers a valid order as the route would, and hands on the rest.
+
+The route's own dependency (the API key check) is replaced by one that notes each call, so a
+test can tell which of the two answered: the fast path never runs it.
+"""
+
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from producer.api import OrderView
+from producer.auth import require_key
+from producer.fastpath import SubmitFastPath
+from tests.integration.conftest import ApiFactory
+
+GOOD: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2}]}
+
+
+def _noting(app: Any) -> list[str]:
+    """Each request ``app``'s route sees, by replacing its key check with one that notes it."""
+    seen: list[str] = []
+
+    async def noted() -> str:
+        seen.append("route")
+        return "tests"
+
+    app.dependency_overrides[require_key] = noted
+    return seen
+
+
+@pytest.fixture
+def routed(api: httpx.AsyncClient) -> list[str]:
+    """The requests FastAPI's route saw."""
+    return _noting(api.app)  # type: ignore[attr-defined]
+
+
+async def _without_fast_path(start_api: ApiFactory) -> httpx.AsyncClient:
+    """Another producer app, its fast path taken out: FastAPI answers every request."""
+    client = await start_api(demo_catalogue=True)
+    app = client.app  # type: ignore[attr-defined]
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not SubmitFastPath]
+    app.middleware_stack = None  # rebuilt from the list on the next request
+    return client
+
+
+def _as_the_view_writes_it(response: httpx.Response) -> None:
+    body = response.json()
+    assert OrderView.model_validate(body).model_dump(mode="json") == body
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["location"] == f"/orders/{body['id']}"
+
+
+async def test_a_valid_order_takes_the_fast_path_and_gets_the_routes_answer(
+    api: httpx.AsyncClient, routed: list[str], start_api: ApiFactory, conn: asyncpg.Connection
+) -> None:
+    fast = await api.post("/orders", json=GOOD)
+    assert fast.status_code == 202, fast.text
+    assert routed == []
+
+    plain = await _without_fast_path(start_api)
+    seen = _noting(plain.app)  # type: ignore[attr-defined]
+    slow = await plain.post("/orders", json=GOOD)
+    assert slow.status_code == 202, slow.text
+    assert seen == ["route"]
+    for response in (fast, slow):
+        _as_the_view_writes_it(response)
+    a, b = fast.json(), slow.json()
+    same = ("status", "customer_id", "items", "priority", "attempts", "reason", "processed_by")
+    assert list(a) == list(b)
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert set(fast.headers) == set(slow.headers)
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2
+
+
+async def test_keys_are_honoured_on_the_fast_path(
+    api: httpx.AsyncClient, routed: list[str], conn: asyncpg.Connection
+) -> None:
+    key = {"Idempotency-Key": "fast-1"}
+    first = await api.post("/orders", json=GOOD, headers=key)
+    again = await api.post("/orders", json=GOOD, headers=key)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json()["id"] == first.json()["id"]
+    _as_the_view_writes_it(again)
+    reused = await api.post("/orders", json={**GOOD, "priority": 5}, headers=key)
+    assert reused.status_code == 422
+    assert reused.headers["content-type"] == "application/problem+json"
+    assert reused.json()["type"] == "/problems/idempotency-key-reused"
+    assert reused.json()["instance"] == "/orders"
+    assert routed == []
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        pytest.param({"Idempotency-Key": ""}, GOOD, id="empty key"),
+        pytest.param({"Idempotency-Key": "has space"}, GOOD, id="key with a space"),
+        pytest.param({}, {**GOOD, "priority": 10}, id="invalid order"),
+        pytest.param({}, [GOOD], id="not an object"),
+        pytest.param({"X-API-Key": "wrong"}, GOOD, id="unknown API key"),
+    ],
+)
+async def test_anything_the_route_would_refuse_is_handed_on_to_it(
+    api: httpx.AsyncClient,
+    routed: list[str],
+    headers: dict[str, str],
+    body: Any,
+) -> None:
+    await api.post("/orders", json=body, headers=headers)
+    assert routed == ["route"]
+
+
+async def test_an_unreachable_store_is_a_503_problem_from_the_fast_path(
+    api: httpx.AsyncClient, routed: list[str], conn: asyncpg.Connection
+) -> None:
+    await api.app.state.pool.close()  # type: ignore[attr-defined]
+    response = await api.post("/orders", json=GOOD)
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["type"] == "/problems/unavailable"
+    assert routed == []
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 0

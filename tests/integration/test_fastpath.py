@@ -4,6 +4,7 @@ The route's own dependency (the API key check) is replaced by one that notes eac
 test can tell which of the two answered: the fast path never runs it.
 """
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -122,4 +123,26 @@ async def test_an_unreachable_store_is_a_503_problem_from_the_fast_path(
     assert response.headers["retry-after"] == "1"
     assert response.json()["type"] == "/problems/unavailable"
     assert routed == []
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 0
+
+
+async def _in_chunks(customer_chunks: int) -> AsyncIterator[bytes]:
+    yield b'{"customer_id": "'
+    for _ in range(customer_chunks):
+        yield b"x" * 100_000
+    yield b'", "items": [{"sku": "BOOK-1", "quantity": 1}]}'
+
+
+async def test_a_body_in_chunks_reaches_the_route_whole_or_is_refused_past_the_limit(
+    api: httpx.AsyncClient, routed: list[str], conn: asyncpg.Connection
+) -> None:
+    json = {"content-type": "application/json"}
+    # No Content-Length: the fast path reads the chunks and hands on every one it read.
+    too_large = await api.post("/orders", content=_in_chunks(20), headers=json)
+    assert too_large.status_code == 413
+    assert too_large.json()["type"] == "/problems/too-large"
+    whole = await api.post("/orders", content=_in_chunks(1), headers=json)
+    assert whole.status_code == 422  # the route saw all 100,000 characters of customer_id
+    assert any(e["loc"] == ["body", "customer_id"] for e in whole.json()["errors"])
+    assert routed == ["route"]  # the 413 came from the body guard, before any route
     assert await conn.fetchval("SELECT count(*) FROM orders") == 0

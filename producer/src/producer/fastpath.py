@@ -8,8 +8,8 @@ API key with budget left, and an outbox that is not overloaded. It then stores t
 route does (``api.accept``) and answers the same 202.
 
 Any request it does not take, it hands on, with the body it read, to FastAPI, whose route and
-handlers answer it exactly as they always have: every refusal keeps one source. Nothing is
-spent before it takes a request, bar the rate limit's token, which it takes last.
+handlers answer it exactly as they always have: every refusal keeps one source. A request it
+hands on has cost nothing: the rate limit's token is the last thing it takes.
 """
 
 import time

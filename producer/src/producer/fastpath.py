@@ -43,10 +43,10 @@ class SubmitFastPath:
         if length.isdigit() and int(length) > self.max_body_bytes:
             await self.app(scope, receive, send)  # refused unread
             return
-        messages = await self._read(receive)
+        messages = await problems.read_body(receive, self.max_body_bytes)
         admitted = self._admit(headers, messages)
         if admitted is None:
-            await self.app(scope, _replaying(messages, receive), send)
+            await self.app(scope, problems.replaying(messages, receive), send)
             return
         try:
             response = api.accepted(await api.accept(self.state, *admitted))
@@ -57,19 +57,6 @@ class SubmitFastPath:
         finally:
             metrics: Metrics = self.state.metrics
             metrics.request(PATH, "POST", response.status_code, time.perf_counter() - started)
-
-    async def _read(self, receive: Receive) -> list[Message]:
-        """What the client sent, up to the end of its body, a disconnect or the size limit."""
-        messages = [await receive()]
-        size = len(messages[0].get("body", b""))
-        while (
-            messages[-1]["type"] == "http.request"
-            and messages[-1].get("more_body", False)
-            and size <= self.max_body_bytes
-        ):
-            messages.append(await receive())
-            size += len(messages[-1].get("body", b""))
-        return messages
 
     def _admit(
         self, headers: dict[bytes, str], messages: list[Message]
@@ -104,13 +91,3 @@ def _first(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
         if name in _HEADERS and name not in found:
             found[name] = value.decode("latin-1")
     return found
-
-
-def _replaying(messages: list[Message], receive: Receive) -> Receive:
-    """``receive``, giving back first the ``messages`` already read."""
-    pending = messages[::-1]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay

@@ -136,6 +136,31 @@ def is_json(content_type: str) -> bool:
     )
 
 
+async def read_body(receive: Receive, limit: int) -> list[Message]:
+    """What the client sent of a request's body: up to its end, a disconnect, or past ``limit``
+    bytes, as the messages that carried it."""
+    messages = [await receive()]
+    size = len(messages[0].get("body", b""))
+    while (
+        messages[-1]["type"] == "http.request"
+        and messages[-1].get("more_body", False)
+        and size <= limit
+    ):
+        messages.append(await receive())
+        size += len(messages[-1].get("body", b""))
+    return messages
+
+
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    """``receive``, giving back first the ``messages`` already read."""
+    pending = messages[::-1]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 class BodyGuard:
     """Refuses oversized bodies (413) and bodies that are not JSON (415), before any work."""
 
@@ -151,19 +176,13 @@ class BodyGuard:
         if length.isdigit() and int(length) > self.max_body_bytes:
             await self._too_large(scope, receive, send)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        messages = await read_body(receive, self.max_body_bytes)
+        if messages[-1]["type"] == "http.disconnect":
+            return
+        body = b"".join(m.get("body", b"") for m in messages)
+        if len(body) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
         if body and not is_json(headers.get("content-type", "")):
             unsupported = Problem(
                 415,
@@ -173,17 +192,7 @@ class BodyGuard:
             )
             await unsupported.response(scope["path"])(scope, receive, send)
             return
-
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying([{"type": "http.request", "body": body}], receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = Problem(

@@ -1,6 +1,7 @@
 """Load: wrk for closed-loop throughput, and a paced open-loop HTTP client for latency at a rate."""
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -53,7 +54,12 @@ async def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
 
 
 async def paced(host: str, port: int, bodies: list[bytes], rate: float) -> int:
-    """Send each body as POST /orders at ``rate`` per second on keep-alive connections; 202s."""
+    """Send each body as POST /orders at ``rate`` per second on keep-alive connections; 202s.
+
+    The garbage collector is off while it sends: a full pass over this process's objects took
+    about 40 ms, and the requests due meanwhile went out as one burst, which was the largest
+    cluster of slow orders in the end-to-end tail (docs/performance.md). wrk, in C, has no such
+    pause."""
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     accepted = 0
 
@@ -75,10 +81,14 @@ async def paced(host: str, port: int, bodies: list[bytes], rate: float) -> int:
 
     started = time.perf_counter()
     tasks = []
-    for i, body in enumerate(bodies):
-        await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(body)))
-    await asyncio.gather(*tasks)
+    gc.disable()
+    try:
+        for i, body in enumerate(bodies):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+    finally:
+        gc.enable()
     while not idle.empty():
         idle.get_nowait()[1].close()
     return accepted

@@ -9,12 +9,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from producer.api import OrderView
 from producer.auth import require_key
 from producer.fastpath import SubmitFastPath
-from tests.integration.conftest import ApiFactory
+from tests.integration.conftest import AUTH, ApiFactory
 
 GOOD: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2}]}
 
@@ -111,6 +112,44 @@ async def test_anything_the_route_would_refuse_is_handed_on_to_it(
 ) -> None:
     await api.post("/orders", json=body, headers=headers)
     assert routed == ["route"]
+
+
+@pytest.mark.parametrize(
+    ("path", "order"), [("/orders", GOOD), ("/orders/batch", {"orders": [GOOD]})]
+)
+async def test_a_content_length_of_digits_that_are_not_ascii_is_no_server_error(
+    api: httpx.AsyncClient, path: str, order: dict[str, Any]
+) -> None:
+    # "²" is a digit to str.isdigit() but not to int(): it was a 500 from the fast path (POST
+    # /orders) and from the body guard (any other body). uvicorn's parser refuses such a header;
+    # another ASGI server might not.
+    body = orjson.dumps(order)
+    headers = [(b"content-type", b"application/json"), (b"content-length", "²".encode("latin-1"))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in AUTH.items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50_000),
+        "server": ("orders.test", 80),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await api.app(scope, receive, send)  # type: ignore[attr-defined]
+    assert sent[0]["status"] == 202
 
 
 async def test_an_unreachable_store_is_a_503_problem_from_the_fast_path(

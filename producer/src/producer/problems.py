@@ -173,7 +173,7 @@ class BodyGuard:
             return
         headers = Headers(scope=scope)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
+        if length.isascii() and length.isdigit() and int(length) > self.max_body_bytes:
             await self._too_large(scope, receive, send)
             return
         messages = await read_body(receive, self.max_body_bytes)

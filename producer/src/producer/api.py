@@ -197,9 +197,9 @@ async def accept(state: State, order: NewOrder, key: str | None) -> asyncpg.Reco
     """
     relay: Relay = state.relay
     _refuse_when_overloaded(relay)
-    digest = _digest(order)
+    digest = _digest(order) if key else None  # only a key's reuse is compared
     submit: Batcher[Submission, asyncpg.Record | None] = state.submit
-    row = await submit(Submission(uuid4(), order, key, digest if key else None))
+    row = await submit(Submission(uuid4(), order, key, digest))
     if row is None:  # the key was used before
         pool: asyncpg.Pool = state.pool
         row = await pool.fetchrow(

@@ -39,8 +39,7 @@ class SubmitFastPath:
             return
         started = time.perf_counter()
         headers = _first(scope["headers"])
-        length = headers.get(b"content-length", "")
-        if length.isascii() and length.isdigit() and int(length) > self.max_body_bytes:
+        if problems.declared_too_large(headers.get(b"content-length", ""), self.max_body_bytes):
             await self.app(scope, receive, send)  # refused unread
             return
         messages = await problems.read_body(receive, self.max_body_bytes)

@@ -136,6 +136,12 @@ def is_json(content_type: str) -> bool:
     )
 
 
+def declared_too_large(content_length: str, limit: int) -> bool:
+    """Whether a request's ``Content-Length`` header declares more than ``limit`` bytes. Only
+    ASCII digits are a length: "²" is a digit to ``str.isdigit`` but not to ``int``."""
+    return content_length.isascii() and content_length.isdigit() and int(content_length) > limit
+
+
 async def read_body(receive: Receive, limit: int) -> list[Message]:
     """What the client sent of a request's body: up to its end, a disconnect, or past ``limit``
     bytes, as the messages that carried it."""
@@ -172,8 +178,7 @@ class BodyGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        length = headers.get("content-length", "")
-        if length.isascii() and length.isdigit() and int(length) > self.max_body_bytes:
+        if declared_too_large(headers.get("content-length", ""), self.max_body_bytes):
             await self._too_large(scope, receive, send)
             return
         messages = await read_body(receive, self.max_body_bytes)

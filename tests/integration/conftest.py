@@ -13,10 +13,11 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.worker import serve
+from producer import outbox
 from producer.app import create_app
 from shared import db, topology
 from shared.settings import ConsumerSettings, ProducerSettings
-from tests.integration.processes import API_KEY, AUTH, Producer, Service
+from tests.integration.processes import API_KEY, AUTH, Producer, Relay, Service
 from tests.integration.proxy import Proxy
 
 TABLES = "reservations, outbox, orders, inventory, crawl_pages, crawls"
@@ -152,6 +153,26 @@ async def start_worker(
         await asyncio.wait_for(task, 30)
 
 
+@pytest.fixture
+async def start_relay(
+    clean: None, producer_settings: Callable[..., ProducerSettings]
+) -> AsyncIterator[WorkerFactory]:
+    """Start a relay of its own (``python -m producer relay``) in this process."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> asyncio.Event:
+        stop = asyncio.Event()
+        settings = producer_settings(**{"port": 0, **overrides})  # port 0: no metrics server
+        running.append((stop, asyncio.create_task(outbox.serve(settings, stop))))
+        return stop
+
+    yield start
+    for stop, _ in running:
+        stop.set()
+    for _, task in running:
+        await asyncio.wait_for(task, 30)
+
+
 ProxyFactory = Callable[[str], Awaitable[Proxy]]
 
 
@@ -171,7 +192,8 @@ async def proxy_to() -> AsyncIterator[ProxyFactory]:
 
 @pytest.fixture
 def spawn(clean: None, rabbitmq_url: str, database_url: str) -> Iterator[Callable[..., Service]]:
-    """Start ``python -m producer`` or ``python -m consumer`` as a real process."""
+    """Start ``python -m producer``, ``python -m consumer`` or, as module ``relay``,
+    ``python -m producer relay`` as a real process."""
     started: list[Service] = []
 
     def start(module: str, name: str, **env: str) -> Service:
@@ -181,7 +203,13 @@ def spawn(clean: None, rabbitmq_url: str, database_url: str) -> Iterator[Callabl
             "METRICS_PORT": "0",
             **env,
         }
-        service = Producer(name, env) if module == "producer" else Service(module, name, env)
+        service: Service
+        if module == "producer":
+            service = Producer(name, env)
+        elif module == "relay":
+            service = Relay(name, env)
+        else:
+            service = Service(module, name, env)
         started.append(service)
         return service
 

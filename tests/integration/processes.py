@@ -98,3 +98,12 @@ class Producer(Service):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"{self.name} did not become healthy:\n{self.log()}")
                 await asyncio.sleep(0.1)
+
+
+class Relay(Service):
+    """``python -m producer relay``: the outbox relay alone, its metrics on ``port``."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        env = {**env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        super().__init__("producer", name, env, ("relay",))

@@ -361,17 +361,7 @@ async def test_backpressure_answers_503_with_retry_after_then_recovers(
     await wait_until(lambda: _ready(api), 20, "the producer to be ready")
     await proxy.cut()
     ids = [await submit(api, ("BOOK-1", 1)) for _ in range(5)]
-
-    async def refused() -> httpx.Response | None:
-        response = await api.post(
-            "/orders", json={"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
-        )
-        if response.status_code == 202:
-            ids.append(response.json()["id"])
-            return None
-        return response
-
-    response = await wait_until(refused, 10, "backpressure")
+    response = await wait_until(_refused(api, ids), 10, "backpressure")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "2"
     assert response.json()["type"] == "/problems/backpressure"
@@ -385,5 +375,49 @@ async def test_backpressure_answers_503_with_retry_after_then_recovers(
 
 
 async def _accepting(api: httpx.AsyncClient) -> bool:
-    body = {"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
-    return (await api.post("/orders", json=body)).status_code == 202
+    return (await api.post("/orders", json=_ORDER)).status_code == 202
+
+
+async def test_an_api_whose_relay_runs_apart_refuses_past_its_bounds_and_the_relay_catches_up(
+    start_api: ApiFactory,
+    start_relay: WorkerFactory,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+) -> None:
+    """RELAY_INLINE=false: the API stores orders and watches the backlog itself; a relay of
+    its own publishes them, woken by the outbox's NOTIFY, not by its sweep."""
+    api = await start_api(relay_inline=False, demo_catalogue=True, max_outbox=5, relay_interval=0.1)
+    await wait_until(lambda: _ready(api), 20, "the producer to be ready without a relay")
+    ids: list[str] = []
+    response = await wait_until(_refused(api, ids), 10, "backpressure")
+    assert response.json()["type"] == "/problems/backpressure"
+    assert len(ids) >= 5
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == len(ids)  # none published
+
+    await start_worker()
+    await start_relay(relay_interval=60)  # sweeps once, at connect: the orders waiting
+    await settled(conn, ids, timeout=30)
+    await wait_until(lambda: _accepting(api), 20, "backpressure to lift")
+
+    more = [await submit(api, ("BOOK-1", 1)) for _ in range(3)]
+    batch = await api.post("/orders/batch", json={"orders": [_ORDER, _ORDER]})
+    assert batch.status_code == 202, batch.text
+    more += [o["id"] for o in batch.json()["orders"]]
+    await settled(conn, more, timeout=30)  # well before the relay's next sweep
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+_ORDER = {"customer_id": "c", "items": [{"sku": "BOOK-1", "quantity": 1}]}
+
+
+def _refused(api: httpx.AsyncClient, accepted: list[str]) -> Any:
+    """Post orders until one is refused; the ids of those accepted go to ``accepted``."""
+
+    async def check() -> httpx.Response | None:
+        response = await api.post("/orders", json=_ORDER)
+        if response.status_code == 202:
+            accepted.append(response.json()["id"])
+            return None
+        return response
+
+    return check

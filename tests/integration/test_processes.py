@@ -114,3 +114,45 @@ async def _idle_connection_outlives_httpx_keep_alive(port: int) -> None:
 async def _ready(client: httpx.AsyncClient) -> httpx.Response | None:
     response = await client.get("/readyz")
     return response if response.status_code == 200 else None
+
+
+async def test_a_relay_of_its_own_killed_mid_stream_loses_no_order(
+    spawn, conn: asyncpg.Connection
+) -> None:
+    """RELAY_INLINE=false, as compose runs it: the relay process is killed while orders stream
+    in; its successor publishes the rest, and each order reserves its stock once."""
+    producer = spawn("producer", "producer-apart", DEMO_CATALOGUE="true", RELAY_INLINE="false")
+    relay = spawn("relay", "relay-killed", RELAY_INTERVAL="60")
+    consumer = spawn("consumer", "consumer-apart", ORDER_WORK_MS="0")
+    await producer.wait_healthy()
+    await relay.wait_for_log("outbox relay connected")
+    await consumer.wait_for_log("consuming")
+    async with producer.client() as client:
+        ids = [await _post(client, "PEN-1", 1)]
+        await settled(conn, ids, timeout=20)  # woken by the outbox's NOTIFY: no sweep for 60 s
+
+        async def stream(n: int) -> list[str]:
+            return [await _post(client, "PEN-1", 1) for _ in range(n)]
+
+        streams = [asyncio.create_task(stream(50)) for _ in range(4)]
+        await wait_until(lambda: _completed_at_least(conn, 30), 20, "the stream to flow")
+        relay.kill()
+        ids += [i for s in streams for i in await s]
+        ids += await stream(20)  # after the kill: they wait in the outbox
+        assert await conn.fetchval("SELECT count(*) FROM outbox") >= 20
+
+        successor = spawn("relay", "relay-successor", RELAY_INTERVAL="60")
+        await settled(conn, ids, timeout=60)
+        assert await _status_is(conn, ids, "completed")
+        assert (await client.get("/inventory/PEN-1")).json()["available"] == 5_000 - len(ids)
+    assert await conn.fetchval("SELECT count(*) FROM reservations") == len(ids)
+    assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+    async with httpx.AsyncClient() as scraper:
+        metrics = (await scraper.get(f"http://127.0.0.1:{successor.port}/metrics")).text
+    assert "outbox_publish_confirm_seconds_count" in metrics
+    successor.signal(signal.SIGTERM)
+    assert await successor.wait(timeout=20) == 0
+
+
+async def _completed_at_least(conn: asyncpg.Connection, n: int) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'completed'") >= n)

@@ -24,7 +24,7 @@ import asyncpg
 from consumer.delivery import Delivery
 from consumer.fetcher import Fetcher, Page
 from consumer.metrics import Metrics
-from shared import db, messages, topology, urls
+from shared import messages, topology, urls
 from shared.db import CrawlStatus, PageStatus
 from shared.errors import InvalidMessage, PermanentError, TransientError
 from shared.messages import Frontier
@@ -158,8 +158,7 @@ class CrawlHandler:
                 return "duplicate"  # another consumer took the page over and settled it
             if crawl["status"] == CrawlStatus.RUNNING and links:
                 start = (page_id, stored["depth"], stored["redirects"], links, page.redirect)
-                if await _follow(conn, crawl_id, crawl, start):
-                    await conn.execute("SELECT pg_notify($1, '')", db.OUTBOX_CHANNEL)
+                await _follow(conn, crawl_id, crawl, start)  # its pages wake the relay
             await conn.execute(CLOSE_IF_DONE, crawl_id)
         return str(status)
 
@@ -202,8 +201,8 @@ async def _follow(
     crawl_id: UUID,
     crawl: Any,
     start: tuple[UUID, int, int, list[str], bool],
-) -> int:
-    """Queue the pages ``start`` links to, lowering known ones; returns how many are new."""
+) -> None:
+    """Queue the pages ``start`` links to, lowering known ones."""
     remaining = crawl["max_pages"] - crawl["pages"]
     found = 0
     work = [start]
@@ -228,4 +227,3 @@ async def _follow(
             crawl_id,
             found,
         )
-    return found

@@ -21,11 +21,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import DeliveredMessage
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from consumer.acks import Acks
 from consumer.crawler import CrawlHandler
@@ -37,6 +36,7 @@ from consumer.window import Window
 from shared import amqp, db, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError
 from shared.messages import Frontier
+from shared.metrics import serve_metrics
 from shared.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ def _failure_headers(message: Delivery, exc: Exception) -> dict[str, object]:
 async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
     """Open the pool, migrate, and run one worker with both lanes until ``stop``."""
     registry = CollectorRegistry()
-    server = _serve_metrics(registry, settings.metrics_port)
+    server = serve_metrics(registry, settings.metrics_port)
     pool = await db.create_pool(
         settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
     )
@@ -350,16 +350,3 @@ async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
         await pool.close()
         if server is not None:
             server.shutdown()
-
-
-def _serve_metrics(registry: CollectorRegistry, port: int) -> WSGIServer | None:
-    """Prometheus /metrics on ``port`` in a thread; a taken port costs the metrics, not the work."""
-    if not port:
-        return None
-    try:
-        server, _ = start_http_server(port, registry=registry)
-    except OSError as exc:
-        log.error("metrics not served: port %d: %s", port, exc)
-        return None
-    log.info("metrics on :%d/metrics", port)
-    return server

@@ -1,17 +1,21 @@
-"""``python -m producer``: serve the API on HOST:PORT."""
+"""``python -m producer`` serves the API on HOST:PORT; ``python -m producer relay`` runs the outbox
+relay alone (with ``RELAY_INLINE=false`` in the API), its Prometheus metrics on PORT."""
 
+import argparse
+import asyncio
 import gc
+import signal
 
 import uvicorn
+import uvloop
 
+from producer import outbox
 from producer.app import create_app
 from shared import logs
 from shared.settings import ProducerSettings
 
 
-def main() -> None:
-    settings = ProducerSettings()
-    logs.configure(settings.log_level, settings.log_format)
+def serve_api(settings: ProducerSettings) -> None:
     app = create_app(settings)
     # What exists now (modules, the app, its routes and models) lives as long as the process.
     # Frozen, the collector no longer scans it: its full collections otherwise paused the event
@@ -30,6 +34,28 @@ def main() -> None:
         timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=10,
     )
+
+
+async def relay(settings: ProducerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gc.collect()
+    gc.freeze()
+    await outbox.serve(settings, stop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m producer", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=("relay",), help="run the relay alone")
+    args = parser.parse_args()
+    settings = ProducerSettings()
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "relay":
+        uvloop.run(relay(settings))
+    else:
+        serve_api(settings)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import State
 
-from producer.outbox import ORDERS, Relay
+from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
 from shared.batch import Batcher
 from shared.db import Status
@@ -31,13 +31,13 @@ async def _pool(request: Request) -> asyncpg.Pool:
     return pool
 
 
-async def _relay(request: Request) -> Relay:
-    relay: Relay = request.app.state.relay
-    return relay
+async def _backlog(request: Request) -> Backlog:
+    backlog: Backlog = request.app.state.backlog
+    return backlog
 
 
 PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
-RelayDep = Annotated[Relay, Depends(_relay)]
+BacklogDep = Annotated[Backlog, Depends(_backlog)]
 # An Idempotency-Key: printable ASCII, no spaces.
 Key = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
 IdempotencyKey = Annotated[Key | None, Header(alias="Idempotency-Key")]
@@ -195,8 +195,7 @@ async def accept(state: State, order: NewOrder, key: str | None) -> asyncpg.Reco
     Raises a 503 problem when too much work is queued, and a 422 when ``key`` was used with
     another order.
     """
-    relay: Relay = state.relay
-    _refuse_when_overloaded(relay)
+    _refuse_when_overloaded(state.backlog)
     digest = _digest(order) if key else None  # only a key's reuse is compared
     submit: Batcher[Submission, asyncpg.Record | None] = state.submit
     row = await submit(Submission(uuid4(), order, key, digest))
@@ -208,8 +207,7 @@ async def accept(state: State, order: NewOrder, key: str | None) -> asyncpg.Reco
         assert row is not None
         if row["request_hash"] != digest:
             raise key_reused()
-    else:
-        relay.wake(ORDERS)
+    else:  # the outbox's NOTIFY wakes the relay
         state.metrics.accepted.labels("single").inc()
     return row
 
@@ -246,9 +244,11 @@ async def submit_order(
     response_model=BatchView,
     responses={422: {"description": "an invalid order, a key twice, or a key reused"}, 503: {}},
 )
-async def submit_batch(batch: Batch, request: Request, pool: PoolDep, relay: RelayDep) -> BatchView:
+async def submit_batch(
+    batch: Batch, request: Request, pool: PoolDep, backlog: BacklogDep
+) -> BatchView:
     """Accept up to 1,000 orders in one transaction: all are stored, or none."""
-    _refuse_when_overloaded(relay)
+    _refuse_when_overloaded(backlog)
     keys = [o.idempotency_key for o in batch.orders if o.idempotency_key]
     if len(keys) != len(set(keys)):
         raise Problem(
@@ -313,17 +313,16 @@ async def submit_batch(batch: Batch, request: Request, pool: PoolDep, relay: Rel
                 )
             )
     if created:
-        relay.wake(ORDERS)
         request.app.state.metrics.accepted.labels("batch").inc(len(created))
     return BatchView(orders=items)
 
 
-def _refuse_when_overloaded(relay: Relay) -> None:
-    if relay.overloaded:
+def _refuse_when_overloaded(backlog: Backlog) -> None:
+    if backlog.overloaded:
         raise Problem(
             503,
             "Too much work queued",
-            f"{relay.outbox_depth} orders await publishing and {relay.queue_depth} are queued;"
+            f"{backlog.outbox_depth} orders await publishing and {backlog.queue_depth} are queued;"
             " nothing was stored. Try again shortly.",
             "/problems/backpressure",
             headers={"Retry-After": "2"},
@@ -375,14 +374,14 @@ async def healthz() -> dict[str, str]:
 
 
 @health.get("/readyz", responses={503: {"description": "broker or database unreachable"}})
-async def readyz(pool: PoolDep, relay: RelayDep) -> dict[str, Any]:
+async def readyz(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
     """Both the database and the broker are reachable."""
     try:
         await asyncio.wait_for(pool.fetchval("SELECT 1"), 2)
         database = "ok"
     except UNAVAILABLE as exc:
         database = f"unreachable: {exc!r}"
-    broker = "ok" if relay.connected else "unreachable"
+    broker = "ok" if backlog.connected else "unreachable"
     if database != "ok" or broker != "ok":
         raise Problem(
             503, "Not ready", headers={"Retry-After": "1"}, database=database, broker=broker

@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(settings)`` with a lifespan that owns every connection."""
 
 import asyncio
-import logging
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,15 +10,13 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, crawls, dashboard, problems
+from producer import api, crawls, dashboard, outbox, problems
 from producer.auth import Guard, require_key
+from producer.backlog import Backlog
 from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
-from producer.outbox import Relay
 from shared import db
 from shared.settings import ProducerSettings
-
-log = logging.getLogger(__name__)
 
 # Seeded with DEMO_CATALOGUE=true so the README's curl works right after `make up`.
 DEMO_CATALOGUE = {"BOOK-1": 1_000, "BOOK-2": 1_000, "MUG-1": 500, "PEN-1": 5_000, "TSHIRT-M": 200}
@@ -42,18 +40,22 @@ def create_app(settings: ProducerSettings) -> FastAPI:
             await db.migrate(pool, settings.startup_timeout)
             if settings.demo_catalogue:
                 await seed_demo_catalogue(pool)
-            relay = Relay(pool, settings, metrics)
-            relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
-            app.state.pool, app.state.relay = pool, relay
-            app.state.submit = api.submitter(pool)
-            try:
-                yield
-            finally:
-                relay.stop()
+            backlog = Backlog(pool, settings, metrics)
+            watching = asyncio.create_task(backlog.run(), name="backlog")
+            # Inline, the API wakes its relay itself; else ``python -m producer relay`` runs
+            # it, woken by the outbox's NOTIFY.
+            relaying = (
+                outbox.running(pool, settings, metrics)
+                if settings.relay_inline
+                else contextlib.nullcontext()
+            )
+            async with relaying as relay:
+                app.state.pool, app.state.backlog, app.state.relay = pool, backlog, relay
+                app.state.submit = api.submitter(pool)
                 try:
-                    await asyncio.wait_for(relay_task, settings.publish_timeout)
-                except TimeoutError:
-                    log.warning("outbox relay did not stop in time; unpublished orders stay queued")
+                    yield
+                finally:
+                    await backlog.stop(watching)
         finally:
             await pool.close()
 

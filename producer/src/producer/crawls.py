@@ -11,8 +11,7 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer.api import IdempotencyKey, PoolDep, RelayDep, key_reused
-from producer.outbox import CRAWL_TASKS
+from producer.api import IdempotencyKey, PoolDep, key_reused
 from producer.problems import Problem
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
@@ -152,7 +151,6 @@ async def start_crawl(
     request: Request,
     response: Response,
     pool: PoolDep,
-    relay: RelayDep,
     idempotency_key: IdempotencyKey = None,
 ) -> CrawlView:
     """Start a crawl at ``url``: stored before the 202, then crawled by the consumers."""
@@ -177,8 +175,6 @@ async def start_crawl(
         crawl_id = await pool.fetchval(
             "SELECT id FROM crawls WHERE idempotency_key = $1", idempotency_key
         )
-    else:
-        relay.wake(CRAWL_TASKS)
     view, earlier = await _view(pool, crawl_id)
     if idempotency_key and earlier != digest:
         raise key_reused()

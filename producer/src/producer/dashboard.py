@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from producer.api import PoolDep, RelayDep
+from producer.api import BacklogDep, PoolDep
 
 router = APIRouter()
 PAGE = (Path(__file__).with_name("dashboard.html")).read_text()
@@ -23,7 +23,7 @@ async def dashboard() -> str:
 
 
 @router.get("/dashboard/data")
-async def dashboard_data(pool: PoolDep, relay: RelayDep) -> dict[str, Any]:
+async def dashboard_data(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
     """Counts by status, queue depths, completions per 10 s over 5 min, the latest failures."""
     counts = await pool.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
     completions = await pool.fetch(
@@ -40,9 +40,9 @@ async def dashboard_data(pool: PoolDep, relay: RelayDep) -> dict[str, Any]:
     return {
         "time": datetime.now(UTC).isoformat(),
         "counts": {r["status"]: r["n"] for r in counts},
-        "outbox": relay.outbox_depth,
-        "queues": relay.depths,
-        "broker": "connected" if relay.connected else "unreachable",
+        "outbox": backlog.outbox_depth,
+        "queues": backlog.depths,
+        "broker": "connected" if backlog.connected else "unreachable",
         "throughput": {
             "bucket_s": BUCKET_S,
             "window_s": WINDOW_S,

@@ -78,7 +78,7 @@ class SubmitFastPath:
         guard: Guard = self.state.guard
         presented = presented_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
         name = guard.identify(presented) if presented else None
-        if name is None or self.state.relay.overloaded or guard.take(name) > 0:
+        if name is None or self.state.backlog.overloaded or guard.take(name) > 0:
             return None
         return order, key
 

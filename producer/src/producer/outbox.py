@@ -24,16 +24,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel
 
 from producer.metrics import Metrics
 from shared import amqp, db, topology
 from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
+from shared.metrics import serve_metrics
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,12 @@ CRAWL_TASKS = Source(
     "UPDATE crawl_pages SET unpublished = false WHERE id = ANY($1::uuid[])",
 )
 SOURCES = (ORDERS, CRAWL_TASKS)
+BY_NAME = {"orders": ORDERS, "crawls": CRAWL_TASKS}  # as ``NOTIFY outbox`` names them
 PUBLISHERS = 2  # rounds in flight at once behind a backlog; one otherwise
 
 
 class Relay:
-    """Moves orders from the outbox to the ``orders`` exchange; ``connected`` feeds ``/readyz``."""
+    """Moves orders from the outbox to the ``orders`` exchange, crawl pages to ``crawls``."""
 
     def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
         self._pool, self._settings, self._metrics = pool, settings, metrics
@@ -86,23 +88,7 @@ class Relay:
         self._rounds = 0  # rounds in flight
         self._behind = False  # the last claim was full: more rows wait than one round takes
         self._stopping = asyncio.Event()
-        self._queues: list[AbstractQueue] = []
         self.connected = False
-        self.outbox_depth = 0
-        self.depths: dict[str, int] = {}  # messages ready per queue; empty while disconnected
-        metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
-        metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
-
-    @property
-    def queue_depth(self) -> int | None:
-        """Messages ready in the work queue, or None when unknown."""
-        return self.depths.get(topology.WORK.name)
-
-    @property
-    def overloaded(self) -> bool:
-        """Past a configured bound: new orders should wait (503) rather than pile up."""
-        s = self._settings
-        return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
 
     def wake(self, source: Source) -> None:
         """Publish ``source``'s new rows now rather than at the next sweep."""
@@ -115,21 +101,26 @@ class Relay:
 
     async def run(self) -> None:
         """Connect, publish, reconnect after any broker trouble, until ``stop``."""
-        gauge = asyncio.create_task(self._measure(), name="outbox-gauge")
         listener = asyncio.create_task(self._listen(), name="outbox-listener")
         try:
             await self._relay()
         finally:
-            gauge.cancel()
             listener.cancel()
 
     async def _listen(self) -> None:
-        """Wake on ``NOTIFY outbox`` from other processes; the sweep covers any gap."""
+        """Wake on ``NOTIFY outbox`` (every commit of rows to publish, from any process); the
+        sweep covers any gap."""
+
+        def woken(*args: Any) -> None:
+            source = BY_NAME.get(args[-1])  # the payload; anything else wakes every source
+            for due in (source,) if source else SOURCES:
+                self.wake(due)
+
         while not self._stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._settings.database_url, timeout=10)
-                await conn.add_listener(db.OUTBOX_CHANNEL, lambda *_: self.wake(CRAWL_TASKS))
+                await conn.add_listener(db.OUTBOX_CHANNEL, woken)
                 while not conn.is_closed() and not self._stopping.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), 5)
@@ -142,24 +133,6 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
 
-    async def _measure(self) -> None:
-        """Refresh the backlog figures behind ``overloaded``, once per ``relay_interval``."""
-        while not self._stopping.is_set():
-            try:
-                self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
-            except Exception as exc:  # the database is down: POST answers 503 anyway
-                log.debug("outbox gauge: %r", exc)
-            try:
-                self.depths = {
-                    q.name: (await q.declare()).message_count or 0
-                    for q in (self._queues if self.connected else [])
-                }
-            except Exception as exc:  # an unknown depth must not hold orders back
-                self.depths = {}
-                log.debug("queue gauge: %r", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
-
     async def _relay(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
@@ -169,7 +142,7 @@ class Relay:
             except Exception as exc:
                 log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
             finally:
-                self.connected, self._queues, self.depths = False, [], {}
+                self.connected = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, 10.0)
@@ -210,10 +183,6 @@ class Relay:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
                 await topology.declare(channel, "producer")
-                gauge_channel = await connection.channel(publisher_confirms=False)
-                self._queues = [
-                    await gauge_channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
-                ]
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self._next_sweep = 0.0  # sweep at once: rows may have been left while disconnected
             self.connected = True
@@ -276,3 +245,35 @@ class Relay:
             await asyncio.wait(waits, timeout=max(seconds, 0), return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics
+) -> AsyncIterator[Relay]:
+    """A relay at work while the block runs; on leaving, its rounds in flight finish first."""
+    relay = Relay(pool, settings, metrics)
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        try:
+            await asyncio.wait_for(task, settings.publish_timeout)
+        except TimeoutError:
+            log.warning("outbox relay did not stop in time; unpublished rows stay in the outbox")
+
+
+async def serve(settings: ProducerSettings, stop: asyncio.Event) -> None:
+    """``python -m producer relay``: the relay alone, its metrics on PORT, until ``stop``."""
+    metrics = Metrics.create()
+    server = serve_metrics(metrics.registry, settings.port)
+    pool = await db.create_pool(settings.database_url, PUBLISHERS)
+    try:
+        await db.migrate(pool, settings.startup_timeout)
+        async with running(pool, settings, metrics):
+            await stop.wait()
+    finally:
+        await pool.close()
+        if server is not None:
+            server.shutdown()

@@ -48,7 +48,8 @@ class PageStatus(StrEnum):
     CANCELLED = "cancelled"  # still queued when its crawl was cancelled
 
 
-# NOTIFY on this channel: outbox rows were committed, the producer's relay should publish now.
+# NOTIFY on this channel (by the triggers of the last migration): rows to publish were committed,
+# the relays should publish now. The payload names whose: 'orders' or 'crawls'.
 OUTBOX_CHANNEL = "outbox"
 
 # Append only: each entry runs once, in order, under an advisory lock.
@@ -233,6 +234,20 @@ MIGRATIONS: tuple[str, ...] = (
         END LOOP;
     END
     $$
+    """,
+    # What adds rows to publish wakes the relays (in any process) at its commit, one
+    # notification per transaction: 'orders' from the outbox, 'crawls' from crawl pages.
+    f"""
+    CREATE FUNCTION notify_relay() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{OUTBOX_CHANNEL}', TG_ARGV[0]);
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER notify_relay AFTER INSERT ON outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('orders');
+    CREATE TRIGGER notify_relay AFTER INSERT ON crawl_pages
+        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('crawls');
     """,
 )
 

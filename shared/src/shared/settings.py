@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
 
 class ProducerSettings(Settings):
-    """The HTTP API and its outbox relay."""
+    """The HTTP API and the outbox relay (in the API's process, or in one of its own)."""
 
     host: str = "0.0.0.0"
     port: int = 8000
@@ -64,6 +64,9 @@ class ProducerSettings(Settings):
     keep_alive_seconds: int = Field(65, ge=1, description="seconds an idle HTTP connection stays")
     max_body_bytes: int = Field(1_048_576, gt=0)
     db_pool_size: int = Field(10, ge=1)
+    relay_inline: bool = Field(
+        True, description="relay in the API's process; false: `python -m producer relay` runs it"
+    )
     relay_batch: int = Field(1000, ge=1, description="outbox rows published per round")
     relay_interval: float = Field(1.0, gt=0, description="seconds between outbox sweeps")
     max_outbox: int = Field(100_000, ge=1, description="unpublished orders before 503")

@@ -1,0 +1,102 @@
+"""What the API reads before it takes work: how much waits, and whether the broker answers.
+
+Each API process watches for itself, wherever its relay runs (``RELAY_INLINE``): the orders in
+the outbox, the messages ready in each queue, once per ``RELAY_INTERVAL``, over a connection of
+its own. Past ``MAX_OUTBOX`` or ``MAX_QUEUE_DEPTH``, new orders get a 503 rather than pile up.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+from aio_pika.abc import AbstractConnection, AbstractQueue
+
+from producer.metrics import Metrics
+from shared import amqp, topology
+from shared.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+READ_TIMEOUT = 5.0  # seconds: a broker that does not answer counts as unreachable
+
+
+class Backlog:
+    """The outbox's and the queues' depths, kept fresh by ``run``; ``connected``: /readyz."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
+        self._pool, self._settings = pool, settings
+        self._stopping = False
+        self.connected = False
+        self.outbox_depth = 0
+        self.depths: dict[str, int] = {}  # messages ready per queue; empty while disconnected
+        metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
+        metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
+
+    @property
+    def queue_depth(self) -> int | None:
+        """Messages ready in the work queue, or None when unknown."""
+        return self.depths.get(topology.WORK.name)
+
+    @property
+    def overloaded(self) -> bool:
+        """Past a configured bound: new orders should wait (503) rather than pile up."""
+        s = self._settings
+        return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
+
+    async def run(self) -> None:
+        """Measure once per ``relay_interval`` until ``stop``, reconnecting when needed."""
+        connection: AbstractConnection | None = None
+        queues: list[AbstractQueue] = []
+        try:
+            while not self._stopping:
+                try:
+                    self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
+                except Exception as exc:  # the database is down: POST answers 503 anyway
+                    log.debug("outbox gauge: %r", exc)
+                try:
+                    if connection is None or connection.is_closed:
+                        connection, queues = await self._connect(connection)
+                    async with asyncio.timeout(READ_TIMEOUT):
+                        self.depths = {
+                            q.name: (await q.declare()).message_count or 0 for q in queues
+                        }
+                    self.connected = True
+                except Exception as exc:  # an unknown depth must not hold orders back
+                    if self.connected:
+                        log.warning("broker unreachable (%r): /readyz answers 503", exc)
+                    self.connected, self.depths = False, {}
+                    await _close(connection)
+                    connection = None
+                await asyncio.sleep(self._settings.relay_interval)
+        finally:
+            self.connected = False
+            await _close(connection)
+
+    async def stop(self, running: "asyncio.Task[None]") -> None:
+        """End ``running`` (this backlog's ``run``) now, whatever it waits for."""
+        self._stopping = True  # aio-pika may swallow a cancellation mid-handshake: then the loop
+        running.cancel()  # ends at its next turn
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    async def _connect(
+        self, old: AbstractConnection | None
+    ) -> tuple[AbstractConnection, list[AbstractQueue]]:
+        await _close(old)
+        connection = await amqp.connect(self._settings.rabbitmq_url, "producer-backlog")
+        try:
+            async with asyncio.timeout(amqp.SETUP_TIMEOUT):
+                channel = await connection.channel(publisher_confirms=False)
+                await topology.declare(channel, "producer")
+                return connection, [
+                    await channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
+                ]
+        except BaseException:
+            await _close(connection)
+            raise
+
+
+async def _close(connection: AbstractConnection | None) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 5)

@@ -17,7 +17,7 @@ help: ## List the targets
 	python3 -m venv .tools
 	.tools/bin/pip install --quiet uv
 
-up: secrets ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, consumer)
+up: secrets ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, relay, consumer)
 	$(COMPOSE) up -d --build --wait
 
 secrets: $(UV) ## Make the local secrets under secrets/ that are missing (make up does)

@@ -1,6 +1,7 @@
 """``make dev``: the stack as local processes, the no-Docker twin of ``docker compose up``.
 
-Runs ``python -m producer`` and ``CONSUMERS`` (default 2) ``python -m consumer`` processes against
+Runs ``python -m producer``, ``python -m producer relay`` and ``CONSUMERS`` (default 2)
+``python -m consumer`` processes against
 ``RABBITMQ_URL`` / ``DATABASE_URL`` (default: the local services), creating the database if it is
 missing and running ``python -m shared.setup`` first. Like compose, each service gets its own
 broker user (when RabbitMQ is local, made with rabbitmqctl) and database role with least
@@ -28,7 +29,7 @@ DEFAULTS = {
     "DEMO_CATALOGUE": "true",
     "LOG_FORMAT": "text",
 }
-METRICS_PORT = 9100  # consumer i serves its metrics on METRICS_PORT + i
+METRICS_PORT = 9100  # the relay's metrics; consumer i serves its own on METRICS_PORT + i
 GRACE = 30.0  # seconds before a process that ignores SIGTERM is killed
 
 
@@ -104,11 +105,14 @@ async def relay(name: str, stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
-async def start(name: str, module: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+async def start(
+    name: str, module: str, env: dict[str, str], *args: str
+) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         module,
+        *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -145,7 +149,12 @@ async def run(env: dict[str, str], consumers: int, accounts: dict[str, dict[str,
     if await setup.wait():
         return 1
 
-    named = {"producer": await start("producer", "producer", {**env, **accounts["producer"]})}
+    producer = {**env, **accounts["producer"]}
+    # As compose runs them: the API stores orders, a relay process of its own publishes them.
+    named = {
+        "producer": await start("producer", "producer", {**producer, "RELAY_INLINE": "false"}),
+        "relay": await start("relay", "producer", {**producer, "PORT": str(METRICS_PORT)}, "relay"),
+    }
     for i in range(1, consumers + 1):
         name = f"consumer-{i}"
         metrics = {"CONSUMER_NAME": name, "METRICS_PORT": str(METRICS_PORT + i)}

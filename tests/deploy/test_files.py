@@ -45,13 +45,16 @@ def test_compose_follows_the_conventions_scaling_relies_on() -> None:
     assert "version" not in compose
     assert compose["name"] == "orders"
     services = compose["services"]
-    assert {"rabbitmq", "postgres", "producer", "consumer"} <= set(services)
+    assert {"rabbitmq", "postgres", "producer", "relay", "consumer"} <= set(services)
     consumer = services["consumer"]
     assert "container_name" not in consumer
     assert "ports" not in consumer
     assert consumer["init"] is True
     assert consumer["stop_grace_period"] == "30s"
-    for name in ("producer", "consumer"):  # setup declared and migrated everything first
+    # The API stores, the relay publishes: exactly one of them runs the outbox relay.
+    assert services["producer"]["environment"]["RELAY_INLINE"] == "false"
+    assert services["relay"]["command"] == ["python", "-m", "producer", "relay"]
+    for name in ("producer", "relay", "consumer"):  # setup declared and migrated everything
         assert services[name]["depends_on"] == {
             "setup": {"condition": "service_completed_successfully"}
         }
@@ -76,6 +79,7 @@ def test_metrics_are_scraped_from_every_service_in_the_observability_profile() -
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
     assert jobs["producer"]["static_configs"][0]["targets"] == ["producer:8000"]
+    assert jobs["relay"]["static_configs"][0]["targets"] == ["relay:8000"]
     assert jobs["consumer"]["dns_sd_configs"][0] == {
         "names": ["consumer"],
         "type": "A",

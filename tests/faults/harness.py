@@ -26,7 +26,7 @@ import httpx
 from shared import setup, topology
 from shared.settings import SetupSettings
 from tests.faults.nodes import PostgresNode, RabbitNode
-from tests.integration.processes import API_KEY, AUTH, Producer, Service, free_port
+from tests.integration.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"
@@ -120,10 +120,16 @@ class Load:
 
 
 class Stack:
-    """Producer and consumers as processes; the broker is reached through a cuttable proxy."""
+    """Producer and consumers as processes; the broker is reached through a cuttable proxy.
+    ``relay_apart``: the producer's relay runs as ``python -m producer relay``, as in compose."""
 
     def __init__(
-        self, name: str, broker: RabbitNode, database: PostgresNode, consumers: int
+        self,
+        name: str,
+        broker: RabbitNode,
+        database: PostgresNode,
+        consumers: int,
+        relay_apart: bool = False,
     ) -> None:
         self.name, self.broker, self.database = name, broker, database
         self.vhost, self.dbname = f"fault-{name}", f"fault_{name.replace('-', '_')}"
@@ -134,6 +140,8 @@ class Stack:
         self.port = free_port()
         self.starts = 0
         self.producer: Producer | None = None
+        self.relay_apart = relay_apart
+        self.relay: Relay | None = None
         self.retired: list[Service] = []
 
     @property
@@ -157,6 +165,7 @@ class Stack:
             "STARTUP_TIMEOUT": "120",
             "SHUTDOWN_GRACE": "10",
             "METRICS_PORT": "0",
+            "RELAY_INLINE": "false" if self.relay_apart else "true",
         }
 
     async def start(self) -> None:
@@ -170,6 +179,8 @@ class Stack:
         )
         await self.proxy.start()
         await self.start_producer()
+        if self.relay_apart:
+            await self.start_relay()
         for i in range(self.count):
             self.consumers.append(self._consumer(i))
         for consumer in self.consumers:
@@ -189,6 +200,17 @@ class Stack:
         self.producer = Producer(name, self.env(), port=self.port)
         await self.producer.wait_healthy(60)
 
+    async def start_relay(self) -> None:
+        self.starts += 1
+        self.relay = Relay(f"fault-{self.name}-relay-{next(self.generation)}", self.env())
+        await self.relay.wait_for_log("outbox relay connected", 60)
+
+    async def kill_relay(self) -> None:
+        assert self.relay is not None
+        self.relay.kill()
+        self.retired.append(self.relay)
+        self.relay = None
+
     async def restart_consumer(self, i: int, sig: signal.Signals) -> int:
         """Stop consumer ``i`` with ``sig``, start a new one; the old one's exit status."""
         old = self.consumers[i]
@@ -205,12 +227,13 @@ class Stack:
         self.retired.append(self.producer)
 
     def services(self) -> list[Service]:
-        return [*self.retired, *self.consumers, *([self.producer] if self.producer else [])]
+        running = [s for s in (self.producer, self.relay) if s is not None]
+        return [*self.retired, *self.consumers, *running]
 
     def reconnects(self) -> int:
         """Broker sessions opened beyond each process's first."""
         pattern = re.compile(r"outbox relay connected|consuming orders\.work")
-        return sum(len(pattern.findall(s.log())) for s in self.services()) - self.starts
+        return sum(max(len(pattern.findall(s.log())) - 1, 0) for s in self.services())
 
     async def stop(self) -> None:
         for service in self.services():
@@ -262,6 +285,14 @@ async def producer_killed(stack: Stack, t: Timing) -> None:
         await stack.kill_producer()
         await asyncio.sleep(1)
         await stack.start_producer()
+        await asyncio.sleep(t.churn / 4)
+
+
+async def relay_killed(stack: Stack, t: Timing) -> None:
+    for _ in range(2):
+        await stack.kill_relay()
+        await asyncio.sleep(1)
+        await stack.start_relay()
         await asyncio.sleep(t.churn / 4)
 
 
@@ -325,12 +356,14 @@ class Scenario:
     name: str
     fault: Fault
     evidence: str  # which observation proves the fault was real
+    relay_apart: bool = False  # the relay in a process of its own (compose's layout)
 
 
 SCENARIOS = (
     Scenario("consumers-sigkill", consumers_killed, "redeliveries"),
     Scenario("rolling-redeploy", rolling_redeploy, "restarts"),
     Scenario("producer-sigkill", producer_killed, "in_doubt"),
+    Scenario("relay-sigkill", relay_killed, "restarts", relay_apart=True),
     Scenario("broker-restart", broker_restarted, "reconnects"),
     Scenario("broker-sigkill", broker_killed, "reconnects"),
     Scenario("connections-closed", connections_closed, "reconnects"),
@@ -377,7 +410,7 @@ class Result:
 async def run_scenario(
     scenario: Scenario, broker: RabbitNode, database: PostgresNode, t: Timing, consumers: int = 3
 ) -> Result:
-    stack = Stack(scenario.name, broker, database, consumers)
+    stack = Stack(scenario.name, broker, database, consumers, scenario.relay_apart)
     await stack.start()
     readiness: list[int] = []
     load = Load(stack.base_url, t.rate)

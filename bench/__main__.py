@@ -34,7 +34,7 @@ from yarl import URL
 
 from bench import baselines, load
 from shared import db, topology
-from tests.integration.processes import Producer, Service, free_port
+from tests.integration.processes import Producer, Relay, Service, free_port
 
 SKUS = 100
 _CORES = os.cpu_count() or 1
@@ -77,10 +77,18 @@ SMOKE = Size(
 class Bench:
     """The services as processes, their data reset between phases, and what to measure them by."""
 
-    def __init__(self, amqp_url: str, database_url: str, size: Size, consumer_env: dict[str, str]):
+    def __init__(
+        self,
+        amqp_url: str,
+        database_url: str,
+        size: Size,
+        consumer_env: dict[str, str],
+        relay_inline: bool = False,
+    ):
         self.amqp_url, self.database_url, self.size = amqp_url, database_url, size
-        self.consumer_env = consumer_env
+        self.consumer_env, self.relay_inline = consumer_env, relay_inline
         self.services: list[Service] = []
+        self.relay: Relay | None = None  # the producer's relay process, when it runs apart
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -137,10 +145,25 @@ class Bench:
             await conn.close()
 
     async def producer(self, **extra: str) -> Producer:
-        producer = Producer(f"bench-producer-{len(self.services)}", self.env(**extra))
+        """The API and, unless ``relay_inline``, its relay in a process of its own (as compose
+        runs them)."""
+        inline = "true" if self.relay_inline else "false"
+        name = f"bench-producer-{len(self.services)}"
+        producer = Producer(name, self.env(RELAY_INLINE=inline, **extra))
         self.services.append(producer)
+        if not self.relay_inline:
+            self.relay = Relay(f"{name}-relay", self.env(**extra))
+            self.services.append(self.relay)
         await producer.wait_healthy(60)
         return producer
+
+    def producer_pids(self, producer: Producer) -> dict[str, Callable[[], list[int]]]:
+        """Watch groups: the API process and the relay process (none when inline)."""
+        relay = self.relay
+        return {
+            "producer": lambda: [producer.pid],
+            "relay": lambda: [relay.pid] if relay and relay.process.poll() is None else [],
+        }
 
     async def consumers(self, count: int, **extra: str) -> list[Service]:
         started = [
@@ -192,6 +215,7 @@ class Bench:
             except AssertionError:
                 service.kill()
         self.services.clear()
+        self.relay = None
 
 
 # --- what the machine is doing --------------------------------------------------------------
@@ -311,7 +335,7 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
     producer = await bench.producer()
     watch = Watch(
         {
-            "producer": lambda: [producer.pid],
+            **bench.producer_pids(producer),
             "broker": lambda: _pids("rabbitmq"),
             "database": lambda: _pids("postgres"),
         }
@@ -320,6 +344,7 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
         with watch.running():
             result = await load.wrk(f"{producer.base_url}/orders", connections, bench.size.seconds)
         result["producer_rss_mb"] = watch.peak_rss["producer"] / 2**20
+        result["relay_rss_mb"] = watch.peak_rss["relay"] / 2**20
         return {**result, **_per_order(watch, result["rate"])}
     finally:
         await bench.stop_all()
@@ -416,7 +441,7 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
     """(5) HTTP to completed: the sustained rate, then latency at half of it."""
     await bench.reset()
     producer = await bench.producer()
-    await bench.consumers(2)
+    workers = await bench.consumers(2)
     done = "SELECT count(*) FROM orders WHERE status = 'completed'"
     try:
         before = await bench.count(done)
@@ -439,8 +464,8 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         url = URL(producer.base_url)
         watch = Watch(
             {
-                "producer": lambda: [producer.pid],
-                "consumers": lambda: [s.pid for s in bench.services if s is not producer],
+                **bench.producer_pids(producer),
+                "consumers": lambda: [s.pid for s in workers],
                 "broker": lambda: _pids("rabbitmq"),
                 "database": lambda: _pids("postgres"),
             }
@@ -613,7 +638,7 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
             f"p99 {_fmt(m(f'submit{c}', 'p99_ms'), ' ms')}",
         )
     # What bounds submit: CPU per order of every process, and what two cores allow at that cost.
-    submit_groups = ("producer", "broker", "database", "wrk")
+    submit_groups = ("producer", "relay", "broker", "database", "wrk")
     for group in submit_groups:
         add(f"CPU per order, submit c=16: {group}", m("submit16", f"us_{group}"), " µs")
     add(
@@ -648,7 +673,7 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
     add(f"end to end at half load ({half:.0f}/s): p50", m("e2e", "p50_ms"), " ms")
     p99 = m("e2e", "p99_ms")
     add("end to end at half load: p99", p99, " ms", target="≤ 50 ms", met=p99[0] <= 50)
-    for group in ("producer", "consumers", "broker", "database"):
+    for group in ("producer", "relay", "consumers", "broker", "database"):
         add(f"CPU per order at half load: {group}", m("e2e", f"us_{group}"), " µs")
     p9, p0 = m("priority", "p9_p99_ms"), m("priority", "p0_p99_ms")
     add(
@@ -676,13 +701,14 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
         "same (≤ 1.1x)",
         big[0] <= 1.1 * small[0],
     )
-    add(
-        "producer peak RSS under submit, c=64",
-        m("submit64", "producer_rss_mb"),
-        " MB",
-        f"c=16: {_fmt(m('submit16', 'producer_rss_mb'), ' MB')}",
-        target="bounded",
-    )
+    for process in ("producer", "relay"):
+        add(
+            f"{process} peak RSS under submit, c=64",
+            m("submit64", f"{process}_rss_mb"),
+            " MB",
+            f"c=16: {_fmt(m('submit16', f'{process}_rss_mb'), ' MB')}",
+            target="bounded",
+        )
     return lines
 
 
@@ -761,6 +787,11 @@ def main() -> int:
     parser.add_argument(
         "--rounds", action="store_true", help="only the broker's CPU per message by round size"
     )
+    parser.add_argument(
+        "--relay-inline",
+        action="store_true",
+        help="the relay in the API's process (RELAY_INLINE=true), not in its own",
+    )
     args = parser.parse_args()
     amqp_url = os.environ.get(
         "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
@@ -780,7 +811,7 @@ def main() -> int:
     size = SMOKE if args.smoke else FULL
     if args.backlog:
         size = dataclasses.replace(size, backlog=args.backlog)
-    bench = Bench(amqp_url, database_url, size, consumer_env)
+    bench = Bench(amqp_url, database_url, size, consumer_env, args.relay_inline)
     started = time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
     lines = uvloop.run(measure(bench, 1 if args.smoke else args.runs, only))
@@ -789,6 +820,7 @@ def main() -> int:
         f" consumers with PREFETCH={consumer_env['PREFETCH']}"
         f" CONCURRENCY={consumer_env['CONCURRENCY']},"
         f" ORDER_WORK_MS={consumer_env['ORDER_WORK_MS']};"
+        f" the relay {'in the API process' if args.relay_inline else 'in a process of its own'};"
         f" took {time.perf_counter() - started:.0f} s\n"
     )
     print("\n".join(lines))

@@ -33,7 +33,7 @@ def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -
     assert result.returncode == 0, result.stdout + result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     figures = [line.split(" | ")[0] for line in table[1:]]
-    assert len(figures) == 32, result.stdout
+    assert len(figures) == 35, result.stdout
     for figure in (
         "submit, c=16",
         "batch submit",
@@ -43,6 +43,7 @@ def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -
         "end to end at half load: p99",
         "priority 9 wait",
         "CPU per order, submit c=16: producer",
+        "CPU per order, submit c=16: relay",
         "CPU per request, bare app (a)",
         "submit c=16: the ceiling of",
         "CPU per order, 1-consumer drain: consumer",
@@ -50,6 +51,7 @@ def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -
         "CPU per order at half load: producer",
         "consumer peak RSS",
         "producer peak RSS",
+        "relay peak RSS",
     ):
         assert any(figure in f for f in figures), figure
     assert "nan" not in result.stdout

@@ -42,8 +42,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
                 await seed_demo_catalogue(pool)
             backlog = Backlog(pool, settings, metrics)
             watching = asyncio.create_task(backlog.run(), name="backlog")
-            # Inline, the API wakes its relay itself; else ``python -m producer relay`` runs
-            # it, woken by the outbox's NOTIFY.
+            # The relay here, or in ``python -m producer relay``; either is woken by NOTIFY.
             relaying = (
                 outbox.running(pool, settings, metrics)
                 if settings.relay_inline

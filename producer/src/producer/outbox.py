@@ -2,16 +2,18 @@
 
 Two sources feed it. ``POST /orders`` commits the order and its outbox row together; a crawl's
 pages are rows of ``crawl_pages`` still marked ``unpublished``, written by ``POST /crawls`` and by
-the consumers that find links (they ``NOTIFY outbox`` when they commit). The relay claims rows
-(``FOR UPDATE SKIP LOCKED``, so replicas, and the two publishers of each relay, share the work),
-publishes them with publisher confirms, and forgets the confirmed ones in the same transaction.
-Whatever is left (broker down, confirm timed out, producer killed) is published on a later round:
-at least once, and the consumers make a duplicate harmless.
+the consumers that find links. The relay claims rows (``FOR UPDATE SKIP LOCKED``, so relays, and
+the two publishers of each, share the work), publishes them with publisher confirms, and forgets
+the confirmed ones in the same transaction. Whatever is left (broker down, confirm timed out,
+process killed) is published on a later round: at least once, and the consumers make a duplicate
+harmless. It runs in the API's process (``RELAY_INLINE=true``) or alone (``python -m producer
+relay``, ``serve``): either way the same.
 
-A round looks only at the sources that are due: woken by a commit (``wake``), or still holding
-rows after a full claim, or every source after a (re)connect and once per ``RELAY_INTERVAL`` (the
-sweep that catches whatever a lost wake-up left behind). An order's commit costs no claim of
-crawl pages, and a publisher that finds nothing due goes back to sleep without a query.
+A round looks only at the sources that are due: woken by a commit (an insert of rows to publish
+sends ``NOTIFY outbox`` at its commit: a trigger of the schema), or still holding rows after a
+full claim, or every source after a (re)connect and once per ``RELAY_INTERVAL`` (the sweep that
+catches whatever a lost wake-up left behind). An order's commit costs no claim of crawl pages,
+and a publisher that finds nothing due goes back to sleep without a query.
 
 One round is in flight at a time until a claim comes back full: what is committed meanwhile goes
 out with the next round. RabbitMQ's work per message falls steeply with the round's size
@@ -267,6 +269,14 @@ async def running(
 async def serve(settings: ProducerSettings, stop: asyncio.Event) -> None:
     """``python -m producer relay``: the relay alone, its metrics on PORT, until ``stop``."""
     metrics = Metrics.create()
+    for unmeasured in (  # here: the API's, at zero, would mislead
+        metrics.requests,
+        metrics.request_seconds,
+        metrics.accepted,
+        metrics.outbox_backlog,
+        metrics.queue_depth,
+    ):
+        metrics.registry.unregister(unmeasured)
     server = serve_metrics(metrics.registry, settings.port)
     pool = await db.create_pool(settings.database_url, PUBLISHERS)
     try:

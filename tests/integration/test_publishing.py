@@ -1,12 +1,13 @@
 """shared/amqp.py's ``publish_all`` on a real broker: an outcome per message, and only a confirm
 counts as published (the outbox relay forgets a row on nothing else)."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from aio_pika.exceptions import PublishError
+from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq import spec
 
 from shared import amqp
@@ -64,3 +65,38 @@ async def test_what_is_not_confirmed_in_time_is_in_doubt_and_the_channel_recover
     assert await amqp.publish_all(confirmed, EXCHANGE, [outgoing(0)], "routed", 10) == [None]
     # Whatever was confirmed is queued; what was in doubt may or may not be.
     assert ((await bound.declare()).message_count or 0) >= outcomes.count(None) + 1
+
+
+async def test_a_nack_is_that_message_s_own_failure(confirmed: AbstractChannel) -> None:
+    """A queue full with ``reject-publish`` nacks: the round's other messages stay confirmed."""
+    queue = await confirmed.declare_queue(
+        "test.publishing.full",
+        durable=False,
+        arguments={"x-max-length": 2, "x-overflow": "reject-publish"},
+    )
+    try:
+        await queue.purge()
+        outcomes = await amqp.publish_all(
+            confirmed, "", [outgoing(n) for n in range(4)], queue.name, 10
+        )
+        assert outcomes[:2] == [None, None]
+        assert [type(e) for e in outcomes[2:]] == [DeliveryError, DeliveryError]
+        assert (await queue.declare()).message_count == 2
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_a_channel_closed_under_a_round_leaves_its_messages_in_doubt(
+    rabbitmq_url: str, bound: AbstractQueue
+) -> None:
+    """Closed before the confirms: each message is confirmed or in doubt, none raises."""
+    connection = await amqp.connect(rabbitmq_url, "test-publishing-closed")
+    channel = await amqp.confirmed_channel(connection)
+    round_ = asyncio.create_task(
+        amqp.publish_all(channel, EXCHANGE, [outgoing(n) for n in range(2_000)], "routed", 10)
+    )
+    await asyncio.sleep(0)  # the round is written; its confirms are on their way
+    await connection.close()
+    outcomes = await round_
+    assert any(isinstance(e, ConnectionError) for e in outcomes)
+    assert all(e is None or isinstance(e, ConnectionError) for e in outcomes)

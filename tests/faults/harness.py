@@ -281,18 +281,20 @@ async def rolling_redeploy(stack: Stack, t: Timing) -> None:
 
 
 async def producer_killed(stack: Stack, t: Timing) -> None:
-    for _ in range(2):
-        await stack.kill_producer()
-        await asyncio.sleep(1)
-        await stack.start_producer()
-        await asyncio.sleep(t.churn / 4)
+    await _killed_twice(stack.kill_producer, stack.start_producer, t)
 
 
 async def relay_killed(stack: Stack, t: Timing) -> None:
+    await _killed_twice(stack.kill_relay, stack.start_relay, t)
+
+
+async def _killed_twice(
+    kill: Callable[[], Awaitable[None]], start: Callable[[], Awaitable[None]], t: Timing
+) -> None:
     for _ in range(2):
-        await stack.kill_relay()
+        await kill()
         await asyncio.sleep(1)
-        await stack.start_relay()
+        await start()
         await asyncio.sleep(t.churn / 4)
 
 

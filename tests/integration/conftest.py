@@ -134,23 +134,35 @@ async def api(start_api: ApiFactory) -> httpx.AsyncClient:
 WorkerFactory = Callable[..., Awaitable[asyncio.Event]]
 
 
-@pytest.fixture
-async def start_worker(
-    clean: None, consumer_settings: Callable[..., ConsumerSettings]
+@contextlib.asynccontextmanager
+async def _in_process(
+    serve: Callable[[Any, asyncio.Event], Awaitable[None]], settings: Callable[..., Any]
 ) -> AsyncIterator[WorkerFactory]:
-    """Start a worker in this process; returns the event that stops it."""
+    """``start(**overrides)`` runs ``serve`` in this process until the block ends; each start
+    returns the event that stops it."""
     running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
     async def start(**overrides: Any) -> asyncio.Event:
         stop = asyncio.Event()
-        running.append((stop, asyncio.create_task(serve(consumer_settings(**overrides), stop))))
+        running.append((stop, asyncio.create_task(serve(settings(**overrides), stop))))
         return stop
 
-    yield start
-    for stop, _ in running:
-        stop.set()
-    for _, task in running:
-        await asyncio.wait_for(task, 30)
+    try:
+        yield start
+    finally:
+        for stop, _ in running:
+            stop.set()
+        for _, task in running:
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def start_worker(
+    clean: None, consumer_settings: Callable[..., ConsumerSettings]
+) -> AsyncIterator[WorkerFactory]:
+    """Start a worker in this process."""
+    async with _in_process(serve, consumer_settings) as start:
+        yield start
 
 
 @pytest.fixture
@@ -158,19 +170,12 @@ async def start_relay(
     clean: None, producer_settings: Callable[..., ProducerSettings]
 ) -> AsyncIterator[WorkerFactory]:
     """Start a relay of its own (``python -m producer relay``) in this process."""
-    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
-    async def start(**overrides: Any) -> asyncio.Event:
-        stop = asyncio.Event()
-        settings = producer_settings(**{"port": 0, **overrides})  # port 0: no metrics server
-        running.append((stop, asyncio.create_task(outbox.serve(settings, stop))))
-        return stop
+    def settings(**overrides: Any) -> ProducerSettings:
+        return producer_settings(**{"port": 0, **overrides})  # port 0: no metrics server
 
-    yield start
-    for stop, _ in running:
-        stop.set()
-    for _, task in running:
-        await asyncio.wait_for(task, 30)
+    async with _in_process(outbox.serve, settings) as start:
+        yield start
 
 
 ProxyFactory = Callable[[str], Awaitable[Proxy]]

@@ -100,3 +100,15 @@ async def test_a_channel_closed_under_a_round_leaves_its_messages_in_doubt(
     outcomes = await round_
     assert any(isinstance(e, ConnectionError) for e in outcomes)
     assert all(e is None or isinstance(e, ConnectionError) for e in outcomes)
+
+
+async def test_a_message_without_an_id_is_refused_before_anything_is_sent(
+    confirmed: AbstractChannel, bound: AbstractQueue
+) -> None:
+    """A return is matched to its message by message_id: without one it would pass for a
+    confirm. The round is refused whole, and the channel's delivery tags stay in step."""
+    anonymous = Outgoing(b"x", spec.Basic.Properties(delivery_mode=2))
+    with pytest.raises(ValueError, match="message_id"):
+        await amqp.publish_all(confirmed, EXCHANGE, [outgoing(1), anonymous], "routed", 10)
+    assert (await bound.declare()).message_count == 0
+    assert await amqp.publish_all(confirmed, EXCHANGE, [outgoing(2)], "routed", 10) == [None]

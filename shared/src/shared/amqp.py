@@ -65,6 +65,8 @@ async def publish_all(
     """
     if not messages:
         return []
+    if not all(m.properties.message_id for m in messages):  # a return is matched by it
+        raise ValueError("publish_all needs a message_id on every message")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     confirms: list[asyncio.Future[Any]] = []
     frames: list[Any] = []
@@ -74,8 +76,7 @@ async def publish_all(
             tag = underlay.delivery_tag
             confirm = underlay.create_future()
             underlay.confirmations[tag] = confirm
-            message_id = message.properties.message_id
-            assert message_id, "a return is matched to its message by message_id"
+            message_id = cast(str, message.properties.message_id)  # checked above
             underlay.message_id_delivery_tag[message_id] = tag
             confirm.add_done_callback(partial(_forget, underlay, message_id, tag))
             confirms.append(confirm)

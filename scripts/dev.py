@@ -2,11 +2,12 @@
 
 Runs ``python -m producer``, ``python -m producer relay`` and ``CONSUMERS`` (default 2)
 ``python -m consumer`` processes against ``RABBITMQ_URL`` / ``DATABASE_URL`` (default: the local
-services), creating the database if it is missing and running ``python -m shared.setup`` first. Like compose, each service gets its own
-broker user (when RabbitMQ is local, made with rabbitmqctl) and database role with least
-privilege; they are removed when it stops. Their output is interleaved, one prefix per
-process. ``API_KEYS`` defaults to a fresh key, printed at start. Ctrl-C or SIGTERM stops them all
-gracefully: consumers finish and ack their in-flight orders first.
+services), creating the database if it is missing and running ``python -m shared.setup`` first.
+Like compose, each service gets its own broker user (when RabbitMQ is local, made with
+rabbitmqctl) and database role with least privilege; they are removed when it stops. Their
+output is interleaved, one prefix per process. ``API_KEYS`` defaults to a fresh key, printed at
+start. Ctrl-C or SIGTERM stops them all gracefully: consumers finish and ack their in-flight
+orders first.
 """
 
 import asyncio

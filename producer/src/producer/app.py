@@ -1,18 +1,15 @@
 """The FastAPI application: ``create_app(settings)`` with a lifespan that owns every connection."""
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 import asyncpg
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, crawls, dashboard, outbox, problems
+from producer import api, backlog, crawls, dashboard, outbox, problems
 from producer.auth import Guard, require_key
-from producer.backlog import Backlog
 from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
 from shared import db
@@ -40,21 +37,14 @@ def create_app(settings: ProducerSettings) -> FastAPI:
             await db.migrate(pool, settings.startup_timeout)
             if settings.demo_catalogue:
                 await seed_demo_catalogue(pool)
-            backlog = Backlog(pool, settings, metrics)
-            watching = asyncio.create_task(backlog.run(), name="backlog")
             # The relay here, or in ``python -m producer relay``; either is woken by NOTIFY.
             relaying = (
-                outbox.running(pool, settings, metrics)
-                if settings.relay_inline
-                else contextlib.nullcontext()
+                outbox.running(pool, settings, metrics) if settings.relay_inline else nullcontext()
             )
-            async with relaying as relay:
-                app.state.pool, app.state.backlog, app.state.relay = pool, backlog, relay
+            async with backlog.watching(pool, settings, metrics) as watched, relaying as relay:
+                app.state.pool, app.state.backlog, app.state.relay = pool, watched, relay
                 app.state.submit = api.submitter(pool)
-                try:
-                    yield
-                finally:
-                    await backlog.stop(watching)
+                yield
         finally:
             await pool.close()
 

@@ -8,6 +8,7 @@ its own. Past ``MAX_OUTBOX`` or ``MAX_QUEUE_DEPTH``, new orders get a 503 rather
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import asyncpg
 from aio_pika.abc import AbstractConnection, AbstractQueue
@@ -44,7 +45,7 @@ class Backlog:
         return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
 
     async def run(self) -> None:
-        """Measure once per ``relay_interval`` until ``stop``, reconnecting when needed."""
+        """Measure once per ``relay_interval`` until stopped, reconnecting when needed."""
         connection: AbstractConnection | None = None
         queues: list[AbstractQueue] = []
         try:
@@ -55,7 +56,8 @@ class Backlog:
                     log.debug("outbox gauge: %r", exc)
                 try:
                     if connection is None or connection.is_closed:
-                        connection, queues = await self._connect(connection)
+                        await _close(connection)
+                        connection, queues = await self._connect()
                     async with asyncio.timeout(READ_TIMEOUT):
                         self.depths = {
                             q.name: (await q.declare()).message_count or 0 for q in queues
@@ -72,17 +74,7 @@ class Backlog:
             self.connected = False
             await _close(connection)
 
-    async def stop(self, running: "asyncio.Task[None]") -> None:
-        """End ``running`` (this backlog's ``run``) now, whatever it waits for."""
-        self._stopping = True  # aio-pika may swallow a cancellation mid-handshake: then the loop
-        running.cancel()  # ends at its next turn
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-
-    async def _connect(
-        self, old: AbstractConnection | None
-    ) -> tuple[AbstractConnection, list[AbstractQueue]]:
-        await _close(old)
+    async def _connect(self) -> tuple[AbstractConnection, list[AbstractQueue]]:
         connection = await amqp.connect(self._settings.rabbitmq_url, "producer-backlog")
         try:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
@@ -100,3 +92,20 @@ async def _close(connection: AbstractConnection | None) -> None:
     if connection is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(connection.close(), 5)
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics
+) -> AsyncIterator[Backlog]:
+    """A backlog kept fresh while the block runs; on leaving, it stops at once."""
+    backlog = Backlog(pool, settings, metrics)
+    task = asyncio.create_task(backlog.run(), name="backlog")
+    try:
+        yield backlog
+    finally:
+        # aio-pika may swallow a cancellation mid-handshake: the loop then ends at its next turn.
+        backlog._stopping = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

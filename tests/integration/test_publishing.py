@@ -1,5 +1,6 @@
-"""shared/amqp.py's ``publish_all`` on a real broker: an outcome per message, and only a confirm
-counts as published (the outbox relay forgets a row on nothing else)."""
+"""shared/amqp.py on a real broker: ``publish_all`` gives an outcome per message, and only a
+confirm counts as published (the outbox relay forgets a row on nothing else); ``consume`` hands
+over every delivery, in order, without a task each."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq import spec
+from aiormq.abc import DeliveredMessage
 
 from shared import amqp
 from shared.messages import Outgoing
@@ -112,3 +114,60 @@ async def test_a_message_without_an_id_is_refused_before_anything_is_sent(
         await amqp.publish_all(confirmed, EXCHANGE, [outgoing(1), anonymous], "routed", 10)
     assert (await bound.declare()).message_count == 0
     assert await amqp.publish_all(confirmed, EXCHANGE, [outgoing(2)], "routed", 10) == [None]
+
+
+async def test_consume_hands_over_each_delivery_in_order_from_the_channel_s_reader(
+    rabbitmq_url: str, confirmed: AbstractChannel, bound: AbstractQueue
+) -> None:
+    assert (
+        await amqp.publish_all(confirmed, EXCHANGE, [outgoing(n) for n in range(300)], "routed", 10)
+        == [None] * 300
+    )
+    received: list[DeliveredMessage] = []
+    readers: set[asyncio.Task[object] | None] = set()
+    async with await amqp.connect(rabbitmq_url, "test-consume") as connection:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=1_000)
+
+        def receive(delivered: DeliveredMessage) -> None:
+            received.append(delivered)
+            readers.add(asyncio.current_task())
+
+        tag = await amqp.consume(channel, bound.name, receive)
+        async with asyncio.timeout(10):
+            while len(received) < 300:
+                await asyncio.sleep(0.01)
+        assert [m.body for m in received] == [b"%d" % n for n in range(300)]
+        assert len(readers) == 1  # one task read them all: none was made per delivery
+        assert (await bound.declare()).message_count == 0  # all 300 held unacked
+        last = received[-1].delivery
+        assert isinstance(last, spec.Basic.Deliver)
+        assert last.delivery_tag is not None
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_ack(last.delivery_tag, multiple=True)
+        await underlay.basic_cancel(tag)
+    assert (await bound.declare()).message_count == 0  # acked, not given back
+
+
+async def test_an_error_in_receive_closes_the_channel_and_gives_its_deliveries_back(
+    rabbitmq_url: str, confirmed: AbstractChannel, bound: AbstractQueue
+) -> None:
+    await amqp.publish_all(confirmed, EXCHANGE, [outgoing(n) for n in range(20)], "routed", 10)
+    seen: list[bytes] = []
+
+    def receive(delivered: DeliveredMessage) -> None:
+        seen.append(delivered.body)
+        if len(seen) == 3:
+            raise RuntimeError("a bug in the receiver")
+
+    async with await amqp.connect(rabbitmq_url, "test-consume") as connection:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=10)
+        await amqp.consume(channel, bound.name, receive)
+        async with asyncio.timeout(10):
+            await amqp.until_closed(channel)
+        assert not connection.is_closed  # the channel only
+        async with asyncio.timeout(10):
+            while (await bound.declare()).message_count != 20:
+                await asyncio.sleep(0.05)
+    assert seen[:3] == [b"0", b"1", b"2"]

@@ -105,3 +105,6 @@ async def test_closing_the_window_wakes_every_runner_and_returns_the_rest() -> N
     late.put(sentinel.b, Frontier.LIFO)
     assert sorted(map(str, late.close())) == ["sentinel.a", "sentinel.b"]
     assert await late.get() is None
+    late.put(sentinel.c, Frontier.FIFO)  # delivered after the close: still given back
+    assert await late.get() is None
+    assert late.close() == [sentinel.c]

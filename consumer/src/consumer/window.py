@@ -54,7 +54,7 @@ class Window:
         raise AssertionError("a delivery was counted but none is waiting")
 
     def close(self) -> list[Delivery]:
-        """Stop handing out deliveries; returns those never started."""
+        """Stop handing out deliveries; returns those never started (again: those put since)."""
         self.closed = True
         self._ready.release()
         left: list[Any] = []

@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import DeliveredMessage
@@ -130,14 +130,7 @@ class Worker:
                         await publisher.get_exchange(handler.lane.retry.name, ensure=False),
                         await publisher.get_exchange(handler.lane.dead.name, ensure=False),
                     )
-                    # On the AMQP channel itself: aio-pika's Queue.consume would wrap each
-                    # delivery in one more task, a cost per message the receiver does not need.
-                    underlay = await channel.get_underlay_channel()
-                    consuming_ok = await underlay.basic_consume(
-                        handler.lane.work.name, self._receiver(lane)
-                    )
-                    assert consuming_ok.consumer_tag is not None
-                    lane.tag = consuming_ok.consumer_tag
+                    lane.tag = await amqp.consume(channel, handler.lane.work.name, _receiver(lane))
                     lanes.append(lane)
             log.info(
                 "consuming %s from %s",
@@ -170,7 +163,7 @@ class Worker:
 
     async def _drain(self, lanes: list[_Lane], runners: list["asyncio.Task[None]"]) -> None:
         """Let in-flight work finish and ack; what was never started goes back to its queue."""
-        left = [(lane, m) for lane in lanes for m in lane.window.close()]
+        left = [(lane, lane.window.close()) for lane in lanes]  # the runners take no more
         if busy := [f"{ln.busy} in-flight {ln.handler.noun}s" for ln in lanes if ln.busy]:
             log.info("waiting for %s", ", ".join(busy))
         if runners:
@@ -178,19 +171,9 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for lane, message in left:
-            await _requeue(lane, message)
-
-    def _receiver(self, lane: _Lane) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
-        async def receive(delivered: DeliveredMessage) -> None:
-            message = Delivery(delivered)
-            lane.acks.delivered(message)
-            if lane.window.closed:
+        for lane, unstarted in left:
+            for message in unstarted + lane.window.close():  # and any delivered since
                 await _requeue(lane, message)
-            else:
-                lane.window.put(message, *lane.handler.place(message))
-
-        return receive
 
     async def _runner(self, lane: _Lane) -> None:
         metrics = lane.handler.metrics
@@ -295,6 +278,17 @@ class Worker:
             await lane.acks.requeue(message)
             return
         await lane.acks.ack(message)
+
+
+def _receiver(lane: _Lane) -> Callable[[DeliveredMessage], None]:
+    """Each delivery into the lane's window, from the channel's reader (``amqp.consume``)."""
+
+    def receive(delivered: DeliveredMessage) -> None:
+        message = Delivery(delivered)
+        lane.acks.delivered(message)
+        lane.window.put(message, *lane.handler.place(message))  # once closed, _drain requeues it
+
+    return receive
 
 
 async def _requeue(lane: _Lane, message: Delivery) -> None:

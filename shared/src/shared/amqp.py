@@ -1,14 +1,15 @@
-"""Connections and confirmed publishing, the same way in both services."""
+"""Connections, consuming and confirmed publishing, the same way in both services."""
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -19,6 +20,8 @@ from shared.messages import Outgoing
 CONNECT_TIMEOUT = 10.0
 SETUP_TIMEOUT = 30.0  # channels, QoS and declarations after (re)connecting
 HEARTBEAT = 10  # seconds; a dead peer is noticed after about three missed beats
+
+log = logging.getLogger(__name__)
 
 
 async def connect(url: str, name: str) -> AbstractConnection:
@@ -34,6 +37,41 @@ async def connect(url: str, name: str) -> AbstractConnection:
 async def confirmed_channel(connection: AbstractConnection) -> AbstractChannel:
     """A channel whose publishes wait for a confirm and raise on an unroutable message."""
     return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+
+async def consume(
+    channel: AbstractChannel, queue: str, receive: Callable[[DeliveredMessage], None]
+) -> str:
+    """Consume ``queue`` with manual acks, calling ``receive`` with each delivery as it is read.
+
+    aiormq runs a consumer's callback in a task of its own per delivery (the task and its done
+    callback were 12% of a consumer's CPU, docs/performance.md). ``receive`` is called from the
+    channel's reader instead, in delivery order, so it must not block; an exception from it is
+    logged and closes the channel, which gives its unacked deliveries back to the queue (one
+    consumer per channel: every delivery of the channel goes to ``receive``). The frames are
+    read with aiormq's own methods, as its ``_on_deliver_frame`` reads them
+    (tests/integration/test_publishing.py). Returns the consumer tag.
+    """
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    read_header = underlay._Channel__get_content_header  # type: ignore[attr-defined]
+    closing: asyncio.Future[None] | None = None
+
+    async def on_deliver(frame: spec.Basic.Deliver) -> None:
+        nonlocal closing
+        delivered = await underlay._read_content(frame, await read_header())
+        try:
+            receive(delivered)
+        except Exception as exc:
+            log.exception("could not take a delivery from %s; closing its channel", queue)
+            if closing is None:  # from a task of its own: the reader reads the broker's reply
+                closing = asyncio.ensure_future(underlay.close(exc))
+
+    underlay._on_deliver_frame = on_deliver  # type: ignore[method-assign]
+    # Registered as well, for aiormq's consumer bookkeeping (cancel, close); it would take a
+    # plain function too, wrapped in a coroutine.
+    consuming = await underlay.basic_consume(queue, receive)  # type: ignore[arg-type]
+    assert consuming.consumer_tag is not None
+    return consuming.consumer_tag
 
 
 async def publish(

@@ -104,6 +104,16 @@ async def test_a_channel_closed_under_a_round_leaves_its_messages_in_doubt(
     assert all(e is None or isinstance(e, ConnectionError) for e in outcomes)
 
 
+async def test_a_confirm_rejected_by_a_clean_close_is_in_doubt() -> None:
+    """aiormq rejects what is pending with the close's reason, a bare ``Exception()`` when the
+    connection was closed cleanly (seen under load, where the close beat the reader): that is a
+    lost channel, not a failure of the message's own."""
+    confirm: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    confirm.set_exception(Exception())
+    outcome = amqp._outcome(confirm, pending=False, confirm_within=10)
+    assert isinstance(outcome, ConnectionError)
+
+
 async def test_a_message_without_an_id_is_refused_before_anything_is_sent(
     confirmed: AbstractChannel, bound: AbstractQueue
 ) -> None:

@@ -10,6 +10,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.exceptions import DeliveryError, PublishError
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -143,9 +144,11 @@ def _outcome(
     if pending or confirm.cancelled():
         return TimeoutError(f"no confirm within {confirm_within}s")
     error = confirm.exception()
-    if error is not None and not isinstance(error, Exception):  # aiormq closing the channel
-        return ConnectionError(f"channel closed before the confirm: {error!r}")
-    return error
+    if error is None or isinstance(error, DeliveryError | PublishError | ConnectionError):
+        return error  # confirmed, nacked, returned, or the connection lost
+    # aiormq closing the channel rejects what is pending with the close's reason: a
+    # CancelledError, or a bare ``Exception()`` when the connection was closed cleanly.
+    return ConnectionError(f"channel closed before the confirm: {error!r}")
 
 
 async def until_closed(*objects: AbstractConnection | AbstractChannel) -> None:

@@ -33,7 +33,7 @@ import uvloop
 from yarl import URL
 
 from bench import baselines, load
-from shared import db, topology
+from shared import db, messages, topology
 from tests.integration.processes import Producer, Relay, Service, free_port
 
 SKUS = 100
@@ -125,13 +125,13 @@ class Bench:
             await conn.execute(
                 """WITH new AS (
                      INSERT INTO orders (id, customer_id, items, priority, status)
-                     SELECT gen_random_uuid(), 'bench',
+                     SELECT id, 'bench',
                             jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % $2,
                                                                  'quantity', 1)),
                             $3, 'accepted'
-                     FROM generate_series(1, $1) g RETURNING id, priority)
+                     FROM unnest($1::uuid[]) WITH ORDINALITY n (id, g) RETURNING id, priority)
                    INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new""",
-                count,
+                [messages.new_id() for _ in range(count)],  # the ids the API would make
                 SKUS,
                 priority,
             )

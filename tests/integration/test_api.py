@@ -1,6 +1,7 @@
 """The HTTP contract: bad input is a clear problem+json and writes nothing; idempotent retries."""
 
 import asyncio
+import uuid
 from typing import Any
 
 import asyncpg
@@ -209,6 +210,8 @@ async def test_concurrent_posts_share_one_statement_and_each_gets_its_own_order(
     ]
     assert await conn.fetchval("SELECT count(*) FROM orders") == 60
     assert await conn.fetchval("SELECT count(*) FROM outbox") <= 60
+    # Time-ordered ids (version 7): neighbours in the primary key's index.
+    assert {uuid.UUID(r.json()["id"]).version for r in responses[:60]} == {7}
 
 
 async def test_inventory_can_be_set_and_read(api: httpx.AsyncClient) -> None:

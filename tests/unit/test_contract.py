@@ -1,5 +1,6 @@
 """The message contract and the topology, without a broker."""
 
+import time
 import uuid
 from typing import Any
 
@@ -73,6 +74,17 @@ def test_a_stored_order_is_encoded_exactly_as_the_model() -> None:
 
 def test_items_json_holds_every_field_of_every_line() -> None:
     assert orjson.loads(messages.items_json(ORDER)) == [i.model_dump() for i in ORDER.items]
+
+
+def test_new_ids_are_version_7_and_ordered_by_their_millisecond() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [messages.new_id() for _ in range(1_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    assert {(i.version, i.variant) for i in ids} == {(7, uuid.RFC_4122)}
+    stamps = [i.int >> 80 for i in ids]
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] <= stamps[-1] <= after
 
 
 def test_decode_round_trips() -> None:

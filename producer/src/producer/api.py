@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
 from typing import Annotated, Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -19,7 +19,7 @@ from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
 from shared.batch import Batcher
 from shared.db import Status
-from shared.messages import Item, NewOrder, Sku, items_json
+from shared.messages import Item, NewOrder, Sku, items_json, new_id
 
 router = APIRouter()  # needs an API key
 health = APIRouter(tags=["health"])  # open: probes carry no keys
@@ -198,7 +198,7 @@ async def accept(state: State, order: NewOrder, key: str | None) -> asyncpg.Reco
     _refuse_when_overloaded(state.backlog)
     digest = _digest(order) if key else None  # only a key's reuse is compared
     submit: Batcher[Submission, asyncpg.Record | None] = state.submit
-    row = await submit(Submission(uuid4(), order, key, digest))
+    row = await submit(Submission(new_id(), order, key, digest))
     if row is None:  # the key was used before
         pool: asyncpg.Pool = state.pool
         row = await pool.fetchrow(
@@ -257,7 +257,7 @@ async def submit_batch(
             "Each key may appear once in a batch.",
             "/problems/validation-error",
         )
-    ids = [uuid4() for _ in batch.orders]
+    ids = [new_id() for _ in batch.orders]
     digests = [_digest(o) for o in batch.orders]
     rows = [
         {

@@ -4,7 +4,7 @@ import hashlib
 import socket
 from datetime import datetime
 from typing import Annotated
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -15,7 +15,7 @@ from producer.api import IdempotencyKey, PoolDep, key_reused
 from producer.problems import Problem
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
-from shared.messages import Frontier
+from shared.messages import Frontier, new_id
 
 router = APIRouter(tags=["crawls"])
 
@@ -162,7 +162,7 @@ async def start_crawl(
     ).digest()
     crawl_id = await pool.fetchval(
         START,
-        uuid4(),
+        new_id(),
         root,
         crawl.order.value,
         crawl.max_depth,

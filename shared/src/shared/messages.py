@@ -7,6 +7,8 @@ matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, b
 ``CrawlTask``) travel the same way; only the crawler's outbox relay publishes them.
 """
 
+import os
+import time
 import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
@@ -34,6 +36,15 @@ CRAWL_MESSAGE_TYPE = "crawl.task"
 CONTENT_TYPE = "application/json"
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PRIORITY = 9
+
+
+def new_id() -> UUID:
+    """A new order or crawl id: a UUID of version 7 (RFC 9562). Its first 48 bits are the time in
+    milliseconds and 74 of the rest are random, so ids made one after another are neighbours in
+    a primary key's index (random ids, version 4, cost the database more per insert)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    return UUID(int=value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62)
+
 
 # Application headers. The attempt count travels here, never in x-death.
 ATTEMPT = "attempt"

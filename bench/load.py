@@ -58,8 +58,8 @@ async def paced(host: str, port: int, bodies: list[bytes], rate: float) -> int:
 
     The garbage collector is off while it sends: a full pass over this process's objects took
     about 40 ms, and the requests due meanwhile went out as one burst, which was the largest
-    cluster of slow orders in the end-to-end tail (docs/performance.md). wrk, in C, has no such
-    pause."""
+    cluster of slow orders in the end-to-end tail (docs/performance-history.md). wrk, in C, has
+    no such pause."""
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     accepted = 0
 

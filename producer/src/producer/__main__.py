@@ -19,7 +19,8 @@ def serve_api(settings: ProducerSettings) -> None:
     app = create_app(settings)
     # What exists now (modules, the app, its routes and models) lives as long as the process.
     # Frozen, the collector no longer scans it: its full collections otherwise paused the event
-    # loop for up to 70 ms under load (submit p99 at c=16: 80 -> 33 ms; docs/performance.md).
+    # loop for up to 70 ms under load (submit p99 at c=16: 80 -> 33 ms;
+    # docs/performance-history.md).
     gc.collect()
     gc.freeze()
     uvicorn.run(

@@ -1,11 +1,11 @@
 """``POST /orders`` without FastAPI's per-request machinery, for a request with nothing to refuse.
 
 FastAPI's middleware, routing, dependency solving and response model cost about half of the
-producer's CPU per accepted order (docs/performance.md). This ASGI middleware, the outermost of
-the app's own, answers a ``POST /orders`` itself when every check the route makes passes: a JSON
-body within the size limit that is a valid order, a valid ``Idempotency-Key`` or none, a known
-API key with budget left, and an outbox that is not overloaded. It then stores the order as the
-route does (``api.accept``) and answers the same 202.
+producer's CPU per accepted order (docs/performance-history.md). This ASGI middleware, the outermost
+of the app's own, answers a ``POST /orders`` itself when every check the route makes passes: a JSON
+body within the size limit that is a valid order, a valid ``Idempotency-Key`` or none, a known API
+key with budget left, and an outbox that is not overloaded. It then stores the order as the route
+does (``api.accept``) and answers the same 202.
 
 Any request it does not take, it hands on, with the body it read, to FastAPI, whose route and
 handlers answer it exactly as they always have: every refusal keeps one source. A request it

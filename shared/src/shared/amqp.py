@@ -46,11 +46,11 @@ async def consume(
     """Consume ``queue`` with manual acks, calling ``receive`` with each delivery as it is read.
 
     aiormq runs a consumer's callback in a task of its own per delivery (the task and its done
-    callback were 12% of a consumer's CPU, docs/performance.md). ``receive`` is called from the
-    channel's reader instead, in delivery order, so it must not block; an exception from it is
+    callback were 12% of a consumer's CPU, docs/performance-history.md). ``receive`` is called from
+    the channel's reader instead, in delivery order, so it must not block; an exception from it is
     logged and closes the channel, which gives its unacked deliveries back to the queue (one
-    consumer per channel: every delivery of the channel goes to ``receive``). The frames are
-    read with aiormq's own methods, as its ``_on_deliver_frame`` reads them
+    consumer per channel: every delivery of the channel goes to ``receive``). The frames are read
+    with aiormq's own methods, as its ``_on_deliver_frame`` reads them
     (tests/integration/test_publishing.py). Returns the consumer tag.
     """
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -97,10 +97,10 @@ async def publish_all(
 
     The outbox relay's hot path: the whole round goes to the socket as one write, where aiormq's
     ``basic_publish`` takes the channel's lock, a task and a socket write per message: the relay's
-    CPU per order halves and the broker's falls by a quarter (docs/performance.md). The confirm
-    bookkeeping is aiormq's own: each message's delivery tag, confirm future and message id are
-    registered as ``basic_publish`` registers them, so acks, nacks, returns and a closing channel
-    settle these futures as they would its (tests/integration/test_publishing.py).
+    CPU per order halves and the broker's falls by a quarter (docs/performance-history.md). The
+    confirm bookkeeping is aiormq's own: each message's delivery tag, confirm future and message id
+    are registered as ``basic_publish`` registers them, so acks, nacks, returns and a closing
+    channel settle these futures as they would its (tests/integration/test_publishing.py).
     """
     if not messages:
         return []

@@ -41,7 +41,9 @@ MAX_PRIORITY = 9
 def new_id() -> UUID:
     """A new order or crawl id: a UUID of version 7 (RFC 9562). Its first 48 bits are the time in
     milliseconds and 74 of the rest are random, so ids made one after another are neighbours in
-    a primary key's index (random ids, version 4, cost the database more per insert)."""
+    a primary key's index (random ids, version 4, cost the database more per insert). An id tells
+    when it was made, as the order's ``created_at`` does; its random bits keep it unguessable.
+    """
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
     return UUID(int=value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62)
 

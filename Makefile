@@ -50,7 +50,7 @@ test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontain
 faults: sync ## Every fault scenario at full length against a broker and database of its own; prints the table
 	$(UV) run python -m tests.faults
 
-bench: sync ## Throughput and latency against raw baselines, 3 runs each (8-13 min); prints the table
+bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 min); prints the table
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(UV) run python -m bench
 

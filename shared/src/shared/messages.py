@@ -37,6 +37,13 @@ CONTENT_TYPE = "application/json"
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PRIORITY = 9
 
+# Application headers. The attempt count travels here, never in x-death.
+ATTEMPT = "attempt"
+ERROR_TYPE = "error-type"
+ERROR_MESSAGE = "error-message"
+FIRST_FAILURE_AT = "first-failure-at"
+LAST_FAILURE_AT = "last-failure-at"
+
 
 def new_id() -> UUID:
     """A new order or crawl id: a UUID of version 7 (RFC 9562). Its first 48 bits are the time in
@@ -46,14 +53,6 @@ def new_id() -> UUID:
     """
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
     return UUID(int=value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62)
-
-
-# Application headers. The attempt count travels here, never in x-death.
-ATTEMPT = "attempt"
-ERROR_TYPE = "error-type"
-ERROR_MESSAGE = "error-message"
-FIRST_FAILURE_AT = "first-failure-at"
-LAST_FAILURE_AT = "last-failure-at"
 
 
 def _printable(value: str) -> str:

@@ -24,7 +24,7 @@ JSON = {"content-type": "application/json"}
 # (case, raw body, headers, status, problem type)
 BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str]] = [
     ("malformed JSON", b'{"customer_id": ', JSON, 400, "/problems/malformed-json"),
-    ("invalid UTF-8", b'{"customer_id": "\xff\xfe"}', JSON, 400, "about:blank"),
+    ("invalid UTF-8", b'{"customer_id": "\xff\xfe"}', JSON, 400, "/problems/malformed-json"),
     (
         "not JSON media type",
         b"customer_id=c-1",
@@ -125,7 +125,7 @@ async def test_bad_input_is_a_problem_and_writes_nothing(
     ("method", "path", "body", "status"),
     [
         ("GET", "/orders/8d0f6f8e-6b53-4b8e-9d55-111111111111", None, 404),
-        ("GET", "/orders/not-a-uuid", None, 422),
+        ("GET", "/orders/not-a-uuid", None, 404),  # no such order
         ("GET", "/inventory/NOPE-1", None, 404),
         ("GET", "/inventory/bad%20sku", None, 422),
         ("PUT", "/inventory/BOOK-1", {"available": -1}, 422),
@@ -142,6 +142,24 @@ async def test_other_errors_are_problems(
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["status"] == status
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/orders", "POST"),
+        ("GET", "/orders/batch", "POST"),  # not an order's id
+        ("PUT", f"/crawls/{uuid.uuid4()}", "DELETE, GET"),  # two routes share the path
+        ("PATCH", "/inventory/BOOK-1", "GET, PUT"),
+    ],
+)
+async def test_a_method_the_path_does_not_take_is_a_405_naming_those_it_does(
+    api: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    response = await api.request(method, path)
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == allow
+    assert response.headers["content-type"] == "application/problem+json"
 
 
 async def test_repeated_and_concurrent_posts_with_one_key_make_one_order(

@@ -223,11 +223,8 @@ def accepted(row: asyncpg.Record) -> Response:
     status_code=202,
     response_model=OrderView,
     responses={
-        400: {"description": "malformed JSON"},
-        413: {"description": "body too large"},
-        415: {"description": "not JSON"},
         422: {"description": "invalid order, or an Idempotency-Key reused with another body"},
-        503: {"description": "the order store is unavailable; nothing was stored"},
+        503: {"description": "the order store is unreachable, or too much work is queued"},
     },
 )
 async def submit_order(
@@ -242,7 +239,10 @@ async def submit_order(
     "/orders/batch",
     status_code=202,
     response_model=BatchView,
-    responses={422: {"description": "an invalid order, a key twice, or a key reused"}, 503: {}},
+    responses={
+        422: {"description": "an invalid order, a key twice, or a key reused"},
+        503: {"description": "the order store is unreachable, or too much work is queued"},
+    },
 )
 async def submit_batch(
     batch: Batch, request: Request, pool: PoolDep, backlog: BacklogDep
@@ -329,7 +329,8 @@ def _refuse_when_overloaded(backlog: Backlog) -> None:
         )
 
 
-@router.get("/orders/{order_id}", response_model=OrderView, responses={404: {}})
+# Only a UUID is an order's id: GET /orders/batch is a 405, and /orders/not-an-id a 404.
+@router.get("/orders/{order_id:uuid}", response_model=OrderView, responses={404: {}})
 async def get_order(order_id: UUID, pool: PoolDep) -> Response:
     """An order's status, attempts, reason and timestamps."""
     row = await pool.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)

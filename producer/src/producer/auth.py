@@ -13,7 +13,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 
 from producer.problems import Problem
 from shared.settings import ProducerSettings
@@ -70,6 +71,14 @@ class Guard:
             return (1 - bucket.tokens) / self.rate
         bucket.tokens -= 1
         return 0.0
+
+
+# Either header will do. These declare the keys in the OpenAPI document; ``require_key`` and the
+# fast path read the headers themselves (``presented_key``).
+SCHEMES = (
+    Security(APIKeyHeader(name="X-API-Key", auto_error=False)),
+    Security(HTTPBearer(auto_error=False)),
+)
 
 
 def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:

@@ -27,7 +27,11 @@ Host = Annotated[
 class NewCrawl(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    url: Annotated[str, StringConstraints(min_length=1, max_length=urls.MAX_URL_LENGTH)]
+    url: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=urls.MAX_URL_LENGTH),
+        Field(description="an absolute http or https URL", json_schema_extra={"format": "uri"}),
+    ]
     max_depth: Annotated[int, Field(ge=0, le=50)] = 2
     max_pages: Annotated[int, Field(ge=1, le=100_000)] = 200
     order: Annotated[Frontier, Field(strict=False)] = Frontier.FIFO

@@ -22,7 +22,7 @@ async def dashboard() -> str:
     return PAGE
 
 
-@router.get("/dashboard/data")
+@router.get("/dashboard/data", responses={503: {}})
 async def dashboard_data(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
     """Counts by status, queue depths, completions per 10 s over 5 min, the latest failures."""
     counts = await pool.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")

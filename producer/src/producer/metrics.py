@@ -91,7 +91,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")  # set by the router on this scope when a route matched
-            handler = getattr(route, "path", None) or "none"
+            # The template without its convertors: /orders/{order_id}, not {order_id:uuid}.
+            handler = getattr(route, "path_format", None) or "none"
             if handler not in self.excluded:
                 self.metrics.request(
                     handler, scope["method"], status, time.perf_counter() - started

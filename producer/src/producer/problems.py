@@ -9,9 +9,11 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,42 @@ class Problem(Exception):
         return Response(orjson.dumps(body), self.status, self.headers, MEDIA_TYPE)
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the field")
+    msg: str
+    type: str
+
+
+class ProblemDetails(BaseModel):
+    """Every error answer's body (RFC 9457), as the OpenAPI document shows it."""
+
+    model_config = ConfigDict(title="Problem", extra="allow")  # extension members may follow
+
+    type: str = Field(description="the kind of problem; about:blank for a plain HTTP status")
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = Field(None, description="the request's path")
+    errors: list[FieldError] | None = Field(
+        None, description="a 400 or 422 for a request that breaks the schema: what broke it"
+    )
+
+
+# The errors a request may meet before its route runs, and what they mean on this API.
+GENERAL = {
+    400: "malformed JSON",
+    401: "no API key, or an unknown one",
+    413: "the body is larger than MAX_BODY_BYTES",
+    415: "the body is not JSON",
+    422: "the request breaks the schema",
+    429: "this key's rate limit is spent: see Retry-After",
+    503: "the database is unreachable: see Retry-After",
+}
+
+
 def install(app: FastAPI, max_body_bytes: int) -> None:
-    """Answer every error, expected or not, as problem details."""
+    """Answer every error, expected or not, as problem details, and document them so."""
+    _document(app)
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
@@ -84,6 +120,51 @@ def answer(exc: Exception, instance: str) -> Response:
     return Problem(500, "Internal server error").response(instance)
 
 
+_SCHEMAS = "#/components/schemas/"
+
+
+def _document(app: FastAPI) -> None:
+    """Make the OpenAPI document list every operation's error answers as problem details: its
+    own (404, 409, …; FastAPI's 422 for a route with parameters) and those of the layers in
+    front of it (a body: 400, 413, 415, 422; an API key: 401, 429, and 503 from the database
+    behind it)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        document = generate()  # FastAPI keeps it after the first call
+        if fresh:
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            problem = ProblemDetails.model_json_schema(ref_template=_SCHEMAS + "{model}")
+            schemas.update(problem.pop("$defs", {}))
+            schemas["Problem"] = problem
+            for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's own 422, unused
+                schemas.pop(name, None)
+            for path in document["paths"].values():
+                for operation in path.values():
+                    _document_errors(operation)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_errors(operation: dict[str, Any]) -> None:
+    statuses: set[int] = set()
+    if "requestBody" in operation:
+        statuses |= {400, 413, 415, 422}
+    if operation.get("security"):
+        statuses |= {401, 429, 503}
+    responses = operation["responses"]
+    for status in statuses:
+        responses.setdefault(str(status), {})
+    for code, response in responses.items():
+        if int(code) >= 400:
+            phrase = HTTPStatus(int(code)).phrase  # FastAPI's description when a route gives none
+            if response.get("description") in (phrase, "Validation Error") and int(code) in GENERAL:
+                response["description"] = GENERAL[int(code)]
+            response["content"] = {MEDIA_TYPE: {"schema": {"$ref": _SCHEMAS + "Problem"}}}
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
     return answer(exc, request.url.path)
 
@@ -95,13 +176,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
         for e in exc.errors()
     ]
     if any(e["type"] == "json_invalid" for e in errors):
-        problem = Problem(
-            400,
-            "Malformed JSON",
-            "The request body is not valid JSON.",
-            "/problems/malformed-json",
-            errors=errors,
-        )
+        problem = _malformed(errors)
     else:
         problem = Problem(
             422,
@@ -113,13 +188,40 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     return problem.response(request.url.path)
 
 
+def _malformed(errors: list[dict[str, Any]]) -> Problem:
+    return Problem(
+        400,
+        "Malformed JSON",
+        "The request body is not valid JSON.",
+        "/problems/malformed-json",
+        errors=errors,
+    )
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI's answer to a JSON body that is not UTF-8: the same as to any bad JSON.
+        error = {"loc": ["body"], "msg": "not UTF-8", "type": "json_invalid"}
+        return _malformed([error]).response(request.url.path)
+    if exc.status_code == 405:  # Starlette names the methods of one route; a path may have more
+        headers["Allow"] = ", ".join(_methods(request))
     title = _reason(exc.status_code)
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-    return Problem(exc.status_code, title, detail, headers=dict(exc.headers or {})).response(
-        request.url.path
-    )
+    return Problem(exc.status_code, title, detail, headers=headers).response(request.url.path)
+
+
+def _methods(request: Request) -> list[str]:
+    """The methods the request's path answers, over all its routes."""
+    return [
+        method
+        for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
+    ]
 
 
 def _reason(status: int) -> str:

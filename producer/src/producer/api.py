@@ -218,11 +218,22 @@ def accepted(row: asyncpg.Record) -> Response:
     return Response(order_json(row), 202, headers, media_type="application/json")
 
 
+def link(operation: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link: the operation that reads what a response names, and with what."""
+    return {"operationId": operation, "parameters": parameters}
+
+
 @router.post(
     "/orders",
     status_code=202,
     response_model=OrderView,
     responses={
+        202: {
+            "headers": {
+                "Location": {"description": "the order's URL", "schema": {"type": "string"}}
+            },
+            "links": {"order": link("get_order", order_id="$response.body#/id")},
+        },
         422: {"description": "invalid order, or an Idempotency-Key reused with another body"},
         503: {"description": "the order store is unreachable, or too much work is queued"},
     },
@@ -240,6 +251,7 @@ async def submit_order(
     status_code=202,
     response_model=BatchView,
     responses={
+        202: {"links": {"first_order": link("get_order", order_id="$response.body#/orders/0/id")}},
         422: {"description": "an invalid order, a key twice, or a key reused"},
         503: {"description": "the order store is unreachable, or too much work is queued"},
     },
@@ -341,7 +353,11 @@ async def get_order(order_id: UUID, pool: PoolDep) -> Response:
     return Response(order_json(row), media_type="application/json")
 
 
-@router.put("/inventory/{sku}", response_model=StockView)
+@router.put(
+    "/inventory/{sku}",
+    response_model=StockView,
+    responses={200: {"links": {"stock": link("get_stock", sku="$response.body#/sku")}}},
+)
 async def set_stock(sku: SkuPath, level: StockLevel, pool: PoolDep) -> StockView:
     """Set the stock available for a SKU."""
     row = await pool.fetchrow(

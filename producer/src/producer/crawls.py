@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer.api import IdempotencyKey, PoolDep, key_reused
+from producer.api import IdempotencyKey, PoolDep, key_reused, link
 from producer.problems import Problem
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
@@ -146,6 +146,19 @@ async def _check_root(url: str, allowed_private: frozenset[str]) -> str:
     status_code=202,
     response_model=CrawlView,
     responses={
+        202: {
+            "headers": {
+                "Location": {"description": "the crawl's URL", "schema": {"type": "string"}}
+            },
+            "links": {
+                name: link(operation, crawl_id="$response.body#/id")
+                for name, operation in (
+                    ("crawl", "get_crawl"),
+                    ("pages", "list_pages"),
+                    ("cancel", "cancel_crawl"),
+                )
+            },
+        },
         422: {"description": "invalid crawl, a private address, or an Idempotency-Key reused"},
         503: {"description": "the store is unavailable; nothing was stored"},
     },

@@ -158,10 +158,11 @@ def _document_errors(operation: dict[str, Any]) -> None:
     for status in statuses:
         responses.setdefault(str(status), {})
     for code, response in responses.items():
-        if int(code) >= 400:
-            phrase = HTTPStatus(int(code)).phrase  # FastAPI's description when a route gives none
-            if response.get("description") in (phrase, "Validation Error") and int(code) in GENERAL:
-                response["description"] = GENERAL[int(code)]
+        status = int(code)
+        if status >= 400:
+            phrase = HTTPStatus(status).phrase  # FastAPI's description when a route gives none
+            if response.get("description") in (None, phrase, "Validation Error"):
+                response["description"] = GENERAL.get(status, phrase)
             response["content"] = {MEDIA_TYPE: {"schema": {"$ref": _SCHEMAS + "Problem"}}}
 
 

@@ -174,6 +174,7 @@ async def test_poison_goes_to_the_dlq_once_and_good_orders_complete(
             else (orjson.dumps({**order_body(str(uuid.uuid4())), "version": 2}), "order.created")
         )
         poison[f"bad-utf8-{i}"] = (b'{"version": 1, "customer_id": "\xff\xfe"}', "order.created")
+        poison[f"misnamed-{i}"] = (valid, "order.created")  # message_id is not the body's id
     mixed = [(i, orjson.dumps(order_body(i)), "order.created") for i in good]
     mixed += [(k, body, type_) for k, (body, type_) in poison.items()]
     mixed.sort(key=lambda m: hash(m[0]))
@@ -182,9 +183,10 @@ async def test_poison_goes_to_the_dlq_once_and_good_orders_complete(
 
     await start_worker(concurrency=8, prefetch=16)
     await start_worker(concurrency=8, prefetch=16)
-    await wait_until(lambda: _dlq_has(channel, 400), 120, "400 dead letters")
+    await wait_until(lambda: _dlq_has(channel, 500), 120, "500 dead letters")
     await settled(conn, good, timeout=120)
 
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1_000  # none from poison
     assert await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'completed'") == 1_000
     assert (await api.get("/inventory/PEN-1")).json()["available"] == 4_000
     letters = await dead_letters(channel)

@@ -19,6 +19,7 @@ from shared.errors import InvalidMessage
 ORDER = messages.OrderMessage(
     id=uuid.uuid4(), customer_id="c-1", items=[messages.Item(sku="A-1", quantity=2)], priority=4
 )
+ORDER_BODY = orjson.dumps(ORDER.model_dump(mode="json"))
 
 
 def delivered(message: aio_pika.Message | messages.Outgoing) -> DeliveredMessage:
@@ -40,10 +41,19 @@ def _header(props: Any) -> Any:
 
 
 def raw(
-    body: bytes, type_: str | None = "order.created", headers: FieldTable | None = None
+    body: bytes,
+    type_: str | None = "order.created",
+    headers: FieldTable | None = None,
+    message_id: str | None = None,
 ) -> Delivery:
     return delivery(
-        aio_pika.Message(body, type=type_, content_type="application/json", headers=headers)
+        aio_pika.Message(
+            body,
+            type=type_,
+            content_type="application/json",
+            headers=headers,
+            message_id=message_id,
+        )
     )
 
 
@@ -91,6 +101,11 @@ def test_decode_round_trips() -> None:
     assert messages.decode(delivery(messages.encode(ORDER))) == ORDER
 
 
+def test_message_id_names_the_body_in_any_spelling_of_its_uuid() -> None:
+    assert messages.decode(raw(ORDER_BODY, message_id=str(ORDER.id).upper())) == ORDER
+    assert messages.decode(raw(ORDER_BODY, message_id=ORDER.id.hex)) == ORDER
+
+
 @pytest.mark.parametrize(
     ("frontier", "depth", "priority"),
     [("priority", 0, 9), ("priority", 3, 6), ("priority", 12, 0), ("fifo", 0, 0), ("lifo", 2, 0)],
@@ -129,6 +144,9 @@ def test_crawl_task_round_trips_with_priority_from_depth(
             "unknown message type",
         ),
         (raw(orjson.dumps(ORDER.model_dump(mode="json")), type_=None), "unknown message type"),
+        (raw(ORDER_BODY), "message_id None is not the body's id"),
+        (raw(ORDER_BODY, message_id="not-a-uuid"), "message_id 'not-a-uuid' is not the body's"),
+        (raw(ORDER_BODY, message_id=str(uuid.uuid4())), "is not the body's id"),
     ],
 )
 def test_decode_names_why_a_message_is_poison(incoming: Delivery, reason: str) -> None:

@@ -202,12 +202,23 @@ class Received(Protocol):
 
 def decode(message: Received) -> OrderMessage:
     """The order in a delivery, or ``InvalidMessage`` saying why it is not one."""
-    return _decode(message, MESSAGE_TYPE, OrderMessage, "order")
+    order = _decode(message, MESSAGE_TYPE, OrderMessage, "order")
+    _named_by_message_id(message, order.id)
+    return order
 
 
 def decode_task(message: Received) -> CrawlTask:
     """The crawl task in a delivery, or ``InvalidMessage`` saying why it is not one."""
-    return _decode(message, CRAWL_MESSAGE_TYPE, CrawlTask, "crawl task")
+    task = _decode(message, CRAWL_MESSAGE_TYPE, CrawlTask, "crawl task")
+    _named_by_message_id(message, task.page_id)
+    return task
+
+
+def _named_by_message_id(message: Received, body_id: UUID) -> None:
+    """``message_id`` is the idempotency key of the effect, and the dead-letter tools find a
+    message by it: it must name what the body does."""
+    if order_id_of(message) != body_id:
+        raise InvalidMessage(f"message_id {message.message_id!r} is not the body's id {body_id}")
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -66,6 +66,12 @@ async def test_submit_status_load_and_queues(
         )
     assert from_file.returncode == 0, from_file.stderr
     assert orjson.loads(from_file.stdout)["id"] == orjson.loads(again.stdout)["id"]
+    with tempfile.NamedTemporaryFile("wb", suffix=".json") as file:
+        file.write(b'{"customer_id": ')
+        file.flush()
+        truncated = await asyncio.to_thread(orders, "submit", *url, "--file", file.name)
+    assert truncated.returncode == 1  # the API's answer, printed
+    assert "/problems/malformed-json" in truncated.stderr
 
     loaded = await asyncio.to_thread(
         orders,
@@ -153,6 +159,13 @@ async def test_clear_errors_when_the_stack_is_not_reachable() -> None:
     bad = await asyncio.to_thread(orders, "submit", "--item", "BOOK-1")
     assert bad.returncode == 2
     assert "SKU:QUANTITY" in bad.stderr
+    missing = await asyncio.to_thread(orders, "submit", "--file", "/no/such/order.json")
+    assert missing.returncode == 2
+    assert "cannot read /no/such/order.json: No such file or directory" in missing.stderr
+    for mix in ("0:abc", "x:1", "10:1", "0:-1", "0:nan"):
+        mixed = await asyncio.to_thread(orders, "load", "--priority-mix", mix)
+        assert mixed.returncode == 2, mix
+        assert "like 0:90,9:10" in mixed.stderr, mixed.stderr
     for command in ([], ["submit"], ["load"], ["queues"], ["dlq", "replay"]):
         helped = await asyncio.to_thread(orders, *command, "--help")
         assert helped.returncode == 0, command

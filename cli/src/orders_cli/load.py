@@ -27,12 +27,16 @@ class Summary:
 
 def parse_mix(mix: str) -> list[tuple[int, float]]:
     """``"0:90,9:10"`` → priority 0 with weight 90, priority 9 with weight 10."""
+    usage = "priorities 0-9 with non-negative weights, like 0:90,9:10"
     pairs = []
     for part in mix.split(","):
         priority, _, weight = part.partition(":")
-        pairs.append((int(priority), float(weight or 1)))
-    if not pairs or any(not 0 <= p <= 9 or w < 0 for p, w in pairs):
-        raise ValueError("priorities 0-9 with non-negative weights, like 0:90,9:10")
+        try:
+            pairs.append((int(priority), float(weight or 1)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not PRIORITY:WEIGHT: {usage}") from None
+    if any(not 0 <= p <= 9 or not w >= 0 for p, w in pairs):  # `not >=`: nan is no weight
+        raise ValueError(usage)
     return pairs
 
 

@@ -79,7 +79,10 @@ def submit(
 ) -> None:
     """Submit one order; prints the accepted order."""
     if file is not None:
-        body = orjson.loads(file.read_bytes())
+        try:
+            content = file.read_bytes()  # as it is: the API says what is wrong with it
+        except OSError as exc:
+            raise _fail(f"cannot read {file}: {exc.strerror}", 2) from None
     elif item:
         try:
             lines = [
@@ -87,11 +90,11 @@ def submit(
             ]
         except ValueError:
             raise _fail("items are SKU:QUANTITY, like BOOK-1:2", 2) from None
-        body = {"customer_id": customer, "items": lines, "priority": priority}
+        content = orjson.dumps({"customer_id": customer, "items": lines, "priority": priority})
     else:
         raise _fail("give --item SKU:QUANTITY (repeatable) or --file order.json", 2)
-    headers = {"Idempotency-Key": key} if key else {}
-    _print_response(_request(url, "POST", "/orders", json=body, headers=headers), 202)
+    headers = {"content-type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    _print_response(_request(url, "POST", "/orders", content=content, headers=headers), 202)
 
 
 @app.command()

@@ -37,4 +37,7 @@ def test_every_error_answer_is_a_problem_and_keyed_operations_say_so() -> None:
     submit = paths["/orders"]["post"]
     assert submit["security"] == [{"APIKeyHeader": []}, {"HTTPBearer": []}]
     assert {"202", "400", "401", "413", "415", "422", "429", "503"} <= set(submit["responses"])
+    assert set(submit["responses"]["401"]["headers"]) == {"WWW-Authenticate"}
+    assert set(submit["responses"]["429"]["headers"]) == {"Retry-After"}
+    assert set(paths["/readyz"]["get"]["responses"]["503"]["headers"]) == {"Retry-After"}
     assert "security" not in paths["/healthz"]["get"]

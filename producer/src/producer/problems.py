@@ -89,6 +89,12 @@ GENERAL = {
     429: "this key's rate limit is spent: see Retry-After",
     503: "the database is unreachable: see Retry-After",
 }
+# The header every answer with that status carries.
+_HEADERS = {
+    401: ("WWW-Authenticate", 'the scheme to use: Bearer realm="orders"'),
+    429: ("Retry-After", "seconds to wait before trying again"),
+    503: ("Retry-After", "seconds to wait before trying again"),
+}
 
 
 def install(app: FastAPI, max_body_bytes: int) -> None:
@@ -164,6 +170,14 @@ def _document_errors(operation: dict[str, Any]) -> None:
             if response.get("description") in (None, phrase, "Validation Error"):
                 response["description"] = GENERAL.get(status, phrase)
             response["content"] = {MEDIA_TYPE: {"schema": {"$ref": _SCHEMAS + "Problem"}}}
+            if status in _HEADERS:
+                name, description = _HEADERS[status]
+                header = {
+                    "description": description,
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+                response["headers"] = {name: header}
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

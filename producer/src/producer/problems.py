@@ -1,4 +1,5 @@
-"""RFC 9457 problem details: every error the API answers is ``application/problem+json``."""
+"""RFC 9457 problem details: every error the API answers is ``application/problem+json``, and
+the OpenAPI document lists each operation's errors so."""
 
 import asyncio
 import logging

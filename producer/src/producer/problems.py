@@ -81,7 +81,7 @@ class ProblemDetails(BaseModel):
 
 
 # The errors a request may meet before its route runs, and what they mean on this API.
-GENERAL = {
+_GENERAL = {
     400: "malformed JSON",
     401: "no API key, or an unknown one",
     413: "the body is larger than MAX_BODY_BYTES",
@@ -90,11 +90,12 @@ GENERAL = {
     429: "this key's rate limit is spent: see Retry-After",
     503: "the database is unreachable: see Retry-After",
 }
-# The header every answer with that status carries.
+# The headers every answer with that status carries.
+_RETRY_AFTER = {"Retry-After": "seconds to wait before trying again"}
 _HEADERS = {
-    401: ("WWW-Authenticate", 'the scheme to use: Bearer realm="orders"'),
-    429: ("Retry-After", "seconds to wait before trying again"),
-    503: ("Retry-After", "seconds to wait before trying again"),
+    401: {"WWW-Authenticate": 'the scheme to use: Bearer realm="orders"'},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
 }
 
 
@@ -169,16 +170,13 @@ def _document_errors(operation: dict[str, Any]) -> None:
         if status >= 400:
             phrase = HTTPStatus(status).phrase  # FastAPI's description when a route gives none
             if response.get("description") in (None, phrase, "Validation Error"):
-                response["description"] = GENERAL.get(status, phrase)
+                response["description"] = _GENERAL.get(status, phrase)
             response["content"] = {MEDIA_TYPE: {"schema": {"$ref": _SCHEMAS + "Problem"}}}
-            if status in _HEADERS:
-                name, description = _HEADERS[status]
-                header = {
-                    "description": description,
-                    "required": True,
-                    "schema": {"type": "string"},
+            if headers := _HEADERS.get(status):
+                response["headers"] = {
+                    name: {"description": text, "required": True, "schema": {"type": "string"}}
+                    for name, text in headers.items()
                 }
-                response["headers"] = {name: header}
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

@@ -140,10 +140,10 @@ def test_crawl_task_round_trips_with_priority_from_depth(
         (raw(b"[1, 2]"), "unknown schema version None"),
         (raw(b'{"version": 1, "id": "x"}'), "invalid order"),
         (
-            raw(orjson.dumps(ORDER.model_dump(mode="json")), type_="order.cancelled"),
+            raw(ORDER_BODY, type_="order.cancelled"),
             "unknown message type",
         ),
-        (raw(orjson.dumps(ORDER.model_dump(mode="json")), type_=None), "unknown message type"),
+        (raw(ORDER_BODY, type_=None), "unknown message type"),
         (raw(ORDER_BODY), "message_id None is not the body's id"),
         (raw(ORDER_BODY, message_id="not-a-uuid"), "message_id 'not-a-uuid' is not the body's"),
         (raw(ORDER_BODY, message_id=str(uuid.uuid4())), "is not the body's id"),

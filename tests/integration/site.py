@@ -24,6 +24,7 @@ class Site:
     links: dict[str, list[str]] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)  # leaves answered with an error
+    html: dict[str, bytes] = field(default_factory=dict)  # pages answered exactly so
     delay: float = 0.0  # seconds each page takes to answer
     robots: str = ROBOTS
     hits: Counter[str] = field(default_factory=Counter)
@@ -82,6 +83,8 @@ class Site:
             return web.Response(text=self.robots, content_type="text/plain")
         if path in self.redirects:
             raise web.HTTPFound(self.redirects[path])
+        if path in self.html:
+            return web.Response(body=self.html[path], content_type="text/html")
         if path in self.statuses:
             return web.Response(status=self.statuses[path], text="no")
         if path == "/huge":

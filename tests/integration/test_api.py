@@ -112,11 +112,7 @@ async def test_bad_input_is_a_problem_and_writes_nothing(
     else:
         response = await api.post("/orders", json=body, headers=headers)
     assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    problem = response.json()
-    assert problem["status"] == status
-    assert problem["type"] == problem_type
-    assert problem["title"]
+    assert assert_problem(response, "/orders")["type"] == problem_type
     assert await conn.fetchval("SELECT count(*) FROM orders") == 0
     assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
 
@@ -140,8 +136,7 @@ async def test_other_errors_are_problems(
 ) -> None:
     response = await api.request(method, path, json=body)
     assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    assert response.json()["status"] == status
+    assert_problem(response, path)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +154,21 @@ async def test_a_method_the_path_does_not_take_is_a_405_naming_those_it_does(
     response = await api.request(method, path)
     assert response.status_code == 405, response.text
     assert response.headers["allow"] == allow
+    problem = assert_problem(response, path)
+    assert problem["type"] == "/problems/method-not-allowed"
+    assert problem["detail"] == f"{path} does not take {method}; it takes {allow}."
+
+
+def assert_problem(response: httpx.Response, path: str) -> dict[str, Any]:
+    """RFC 9457 problem details with every member the README promises, each meaningful."""
     assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert problem["status"] == response.status_code
+    assert problem["type"].startswith("/problems/"), problem  # never about:blank
+    assert problem["title"]
+    assert problem["detail"]
+    assert problem["instance"] == httpx.URL(path).path
+    return problem
 
 
 async def test_repeated_and_concurrent_posts_with_one_key_make_one_order(

@@ -2,6 +2,7 @@
 
 import asyncio
 import itertools
+import json
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from tests.integration.site import Site, generated, tree
 from tests.integration.test_failures import dlq_cli
 
 LOCAL = {"crawl_allowed_private_hosts": "127.0.0.1", "crawl_host_delay_ms": 0}
+JSON = {"content-type": "application/json"}
 WORKER = {**LOCAL, "crawl_max_bytes": 200_000, "crawl_max_attempts": 3}
 
 
@@ -315,6 +317,46 @@ async def test_crawl_validation_and_lookup_errors_are_problems(
     assert first.json()["id"] == again.json()["id"]
     assert other.status_code == 422
     assert other.json()["type"] == "/problems/idempotency-key-reused"
+
+
+async def test_text_postgresql_cannot_store_is_refused_or_made_storable(
+    start_api: ApiFactory, start_worker: WorkerFactory, conn: asyncpg.Connection
+) -> None:
+    """NUL or a lone surrogate in a crawl URL is a 422, never a 500; on a crawled page, titles,
+    links and errors are stored with them replaced; a link aiohttp cannot parse fails at once."""
+    api = await start_api(**LOCAL)
+    for url in ("http://93.184.216.34/a\u0000b", "http://93.184.216.34/\ud800", "http://a\u0007/"):
+        body = json.dumps({"url": url}).encode()  # escaped: JSON may carry what UTF-8 cannot
+        response = await api.post("/crawls", content=body, headers=JSON)
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["type"] == "/problems/validation-error"
+    response = await api.post(
+        "/crawls", json={"url": "http://93.184.216.34/", "allowed_hosts": ["a\u0000b"]}
+    )
+    assert response.status_code == 422
+
+    site = Site()
+    await site.start()
+    numeric = f"http://2130706433:{site.port}/"  # 127.0.0.1 as one number: aiohttp refuses it
+    site.html["/"] = (
+        f"<title>nul&#0;here\x00and&#xD800;</title><a href='/x\x00y'>x</a><a href='{numeric}'>n</a>"
+    ).encode()
+    await start_worker(**WORKER)
+    try:
+        crawl = await start_crawl(api, site.root, allowed_hosts=["127.0.0.1", "2130706433"])
+        view = await finished(api, crawl)
+        pages = await pages_of(api, crawl)
+    finally:
+        await site.stop()
+    assert view["status"] == "completed"
+    root = pages[site.root]
+    assert root["status"] == "fetched"
+    assert root["title"].startswith("nul")
+    assert "\x00" not in root["title"]
+    assert len(pages) == 3
+    odd = pages[numeric]
+    assert (odd["status"], odd["attempts"]) == ("failed", 1)
+    assert odd["error"].startswith("invalid URL")
 
 
 async def test_a_dead_lettered_page_can_be_replayed_and_the_crawl_reopens(

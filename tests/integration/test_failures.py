@@ -14,8 +14,10 @@ import asyncpg
 import httpx
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq import spec
 
-from shared import topology
+from shared import amqp, topology
+from shared.messages import Outgoing
 from tests.integration.conftest import (
     ApiFactory,
     ProxyFactory,
@@ -197,6 +199,34 @@ async def test_poison_goes_to_the_dlq_once_and_good_orders_complete(
         assert headers["error-message"]
         assert headers["attempt"] == 1
     assert await depth(channel, topology.WORK.name) == 0
+
+
+async def test_a_dead_letter_keeps_the_properties_it_came_with_an_absent_message_id_too(
+    start_worker: WorkerFactory, channel: AbstractChannel, rabbitmq_url: str
+) -> None:
+    """docs/messages.md: a dead letter keeps every property unchanged. aiormq invents a
+    message_id for a message published without one, so this one is sent as other AMQP clients
+    send it, through ``publish_all``."""
+    await start_worker()
+    body = orjson.dumps(order_body(str(uuid.uuid4())))
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        message_type="order.created",
+        delivery_mode=2,
+        priority=3,
+        correlation_id="corr-1",
+        app_id="other-shop",
+    )
+    async with await amqp.connect(rabbitmq_url, "test-anonymous") as connection:
+        confirmed = await amqp.confirmed_channel(connection)
+        sent = [Outgoing(body, properties)]
+        assert await amqp.publish_all(confirmed, "orders", sent, "order.created", 10) == [None]
+    await wait_until(lambda: _dlq_has(channel, 1), 20, "the dead letter")
+    [letter] = await dead_letters(channel)
+    assert letter.message_id is None
+    assert (letter.body, letter.priority, letter.type) == (body, 3, "order.created")
+    assert (letter.correlation_id, letter.app_id) == ("corr-1", "other-shop")
+    assert (letter.headers or {})["error-type"] == "InvalidMessage"
 
 
 async def _dlq_has(channel: AbstractChannel, n: int) -> bool:

@@ -6,23 +6,27 @@ import secrets
 import shutil
 import signal
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import aiormq
 import asyncpg
 import httpx
+import orjson
 import pytest
 from yarl import URL
 
+from consumer import dlq
 from consumer.worker import serve
 from producer.app import create_app
 from shared import setup, topology
 from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings
 from tests.deploy.test_secrets import load_make_secrets
 from tests.faults.nodes import RabbitNode
-from tests.integration.conftest import set_stock, settled, submit, wait_until
+from tests.integration.conftest import consuming, set_stock, settled, submit, wait_until
 from tests.integration.processes import API_KEY, AUTH
 from tests.integration.site import tree
 
@@ -333,3 +337,252 @@ async def test_the_generated_definitions_make_the_users_and_no_guest(tmp_path) -
             await aio_pika.connect(node.url("orders"), timeout=10)  # guest/guest
     finally:
         await node.stop()
+
+
+# What each broker role can cause through the broker alone: one test per line of the table in
+# docs/security.md ("What a broker role can cause"). The worker runs with the consumer's rights.
+
+
+@dataclass
+class Deployed:
+    broker: Broker
+    conn: asyncpg.Connection
+    operator: ConsumerSettings  # the dead-letter tools' rights: the test's own accounts
+
+    async def publish(
+        self, role: str, exchange: str, routing_key: str, body: dict[str, Any], **props: Any
+    ) -> None:
+        """A persistent message, published with ``role``'s rights and confirmed."""
+        async with await aio_pika.connect(self.broker.urls[role]) as connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange, ensure=False)
+            properties = {"content_type": "application/json", "delivery_mode": 2} | props
+            await target.publish(aio_pika.Message(orjson.dumps(body), **properties), routing_key)
+
+    async def dead_letters(self, lane: topology.Lane, n: int) -> dict[str, dict[str, Any]]:
+        """Wait for ``n`` dead letters in ``lane``; their headers by message id (left in place)."""
+
+        async def arrived() -> list[aio_pika.abc.AbstractIncomingMessage] | None:
+            async with await aio_pika.connect(self.broker.admin) as connection:
+                queue = await (await connection.channel()).get_queue(lane.dead_letters.name)
+                taken = []
+                while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                    taken.append(message)
+                return taken if len(taken) >= n else None  # unacked: back when it closes
+
+        letters = await wait_until(arrived, 30, f"{n} dead letter(s) in {lane.dead.name}")
+        return {m.message_id or "": dict(m.headers or {}) for m in letters}
+
+
+@pytest.fixture
+async def deployed(
+    broker: Broker, database: Database, conn: asyncpg.Connection, start_worker: Any
+) -> Deployed:
+    await run_setup(broker, database)
+    await conn.execute("INSERT INTO inventory VALUES ('PEN-1', 10)")
+    await start_worker(
+        rabbitmq_url=broker.urls["consumer"],
+        database_url=database.urls["consumer"],
+        retry_base_ms=100,
+    )
+    async with await aio_pika.connect(broker.admin) as connection:
+        channel = await connection.channel()
+        await wait_until(lambda: consuming(channel), 30, "the worker")
+    operator = ConsumerSettings(rabbitmq_url=broker.admin, database_url=database.owner)
+    return Deployed(broker, conn, operator)
+
+
+def an_order(order_id: uuid.UUID, quantity: int = 1) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "id": str(order_id),
+        "customer_id": "c-roles",
+        "items": [{"sku": "PEN-1", "quantity": quantity}],
+        "priority": 0,
+    }
+
+
+ORDER = {"type": "order.created"}
+
+
+async def completed(conn: asyncpg.Connection, order_id: uuid.UUID) -> None:
+    async def done() -> bool:
+        status = await conn.fetchval("SELECT status FROM orders WHERE id = $1", order_id)
+        return bool(status == "completed")
+
+    await wait_until(done, 30, f"order {order_id} to complete")
+
+
+async def stock(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT available FROM inventory WHERE sku = 'PEN-1'"))
+
+
+async def test_a_producer_may_publish_an_order_the_database_does_not_hold_yet(
+    deployed: Deployed,
+) -> None:
+    """The message contract lets any client with the producer's rights publish orders."""
+    order_id = uuid.uuid4()
+    await deployed.publish(
+        "producer",
+        "orders",
+        "order.created",
+        an_order(order_id, 3),
+        message_id=str(order_id),
+        **ORDER,
+    )
+    await completed(deployed.conn, order_id)
+    assert await stock(deployed.conn) == 7
+
+
+async def test_a_consumer_cannot_create_an_order_through_a_retry_queue(
+    deployed: Deployed,
+) -> None:
+    """The attack: a new order sent to ``orders.retry``, which dead-letters it into the work
+    queue. Whatever its ``attempt`` header says, it went through a retry queue (the broker's
+    ``x-death``), so it may only continue an order the database holds."""
+    forged = {uuid.uuid4(): {"attempt": 2}, uuid.uuid4(): {"attempt": 1}, uuid.uuid4(): {}}
+    for order_id, headers in forged.items():
+        await deployed.publish(
+            "consumer",
+            "orders.retry",
+            "100ms",
+            an_order(order_id),
+            message_id=str(order_id),
+            headers=headers,
+            **ORDER,
+        )
+    letters = await deployed.dead_letters(topology.ORDER_LANE, 3)
+    assert set(letters) == {str(i) for i in forged}
+    for headers in letters.values():
+        assert headers["error-type"] == "Unrecognised"
+        assert "only continues an order the database holds" in headers["error-message"]
+    assert await deployed.conn.fetchval("SELECT count(*) FROM orders") == 0
+    assert await deployed.conn.fetchval("SELECT count(*) FROM reservations") == 0
+    assert await stock(deployed.conn) == 10
+
+
+async def test_a_consumer_cannot_change_what_an_order_reserves(deployed: Deployed) -> None:
+    """A retry of a real order with other lines is not believed: the order is left as it was,
+    and its own message then completes it with its own lines."""
+    order_id = uuid.uuid4()
+    await deployed.conn.execute(
+        "INSERT INTO orders (id, customer_id, items, priority, status) VALUES"
+        " ($1, 'c-roles', '[{\"sku\": \"PEN-1\", \"quantity\": 1}]', 0, 'accepted')",
+        order_id,
+    )
+    await deployed.publish(
+        "consumer",
+        "orders.retry",
+        "100ms",
+        an_order(order_id, quantity=9),
+        message_id=str(order_id),
+        headers={"attempt": 2},
+        **ORDER,
+    )
+    letters = await deployed.dead_letters(topology.ORDER_LANE, 1)
+    assert letters[str(order_id)]["error-type"] == "Unrecognised"
+    row = await deployed.conn.fetchrow(
+        "SELECT status, attempts FROM orders WHERE id = $1", order_id
+    )
+    assert (row["status"], row["attempts"]) == ("accepted", 0)
+    assert await stock(deployed.conn) == 10
+
+    await deployed.publish(
+        "producer", "orders", "order.created", an_order(order_id), message_id=str(order_id), **ORDER
+    )
+    await completed(deployed.conn, order_id)
+    assert await stock(deployed.conn) == 9
+
+
+async def test_a_consumer_can_only_duplicate_an_order_and_a_duplicate_changes_nothing(
+    deployed: Deployed,
+) -> None:
+    order_id = uuid.uuid4()
+    body = an_order(order_id, 2)
+    await deployed.publish(
+        "producer", "orders", "order.created", body, message_id=str(order_id), **ORDER
+    )
+    await completed(deployed.conn, order_id)
+    await deployed.publish(
+        "consumer", "orders.retry", "100ms", body, message_id=str(order_id), **ORDER
+    )
+
+    async def seen_twice() -> bool:
+        attempts = await deployed.conn.fetchval(
+            "SELECT attempts FROM orders WHERE id = $1", order_id
+        )
+        return bool(attempts == 1) and await _work_queue_empty(deployed)
+
+    await wait_until(seen_twice, 30, "the duplicate to be consumed")
+    await asyncio.sleep(0.5)  # it was acked with no effect
+    assert await stock(deployed.conn) == 8
+    assert await deployed.conn.fetchval("SELECT count(*) FROM reservations") == 1
+
+
+async def _work_queue_empty(deployed: Deployed) -> bool:
+    async with await aio_pika.connect(deployed.broker.admin) as connection:
+        channel = await connection.channel()
+        queues = [topology.WORK.name, *(q.name for q in topology.ORDER_LANE.retry_queues)]
+        for name in queues:
+            declared = await channel.declare_queue(name, passive=True)
+            if declared.declaration_result.message_count:
+                return False
+        return True
+
+
+async def test_a_consumer_cannot_create_or_redirect_a_crawl_task(deployed: Deployed) -> None:
+    """A task for a page nobody queued, and one naming a real page with another URL, are not
+    believed; the real page is untouched."""
+    crawl_id = uuid.uuid4()
+    await deployed.conn.execute(
+        "INSERT INTO crawls (id, root_url, frontier, max_depth, max_pages, allowed_hosts, status,"
+        " pages) VALUES ($1, 'http://127.0.0.1:9/', 'fifo', 1, 10, '{127.0.0.1}', 'running', 1)",
+        crawl_id,
+    )
+    page_id = await deployed.conn.fetchval(
+        "INSERT INTO crawl_pages (crawl_id, url, depth, unpublished) VALUES"
+        " ($1, 'http://127.0.0.1:9/', 0, false) RETURNING id",
+        crawl_id,
+    )
+    tasks = {
+        uuid.uuid4(): (crawl_id, "http://127.0.0.1:9/other"),  # no such page
+        page_id: (crawl_id, "http://127.0.0.1:9/elsewhere"),  # a real page, another URL
+    }
+    for task_page, (task_crawl, url) in tasks.items():
+        await deployed.publish(
+            "consumer",
+            "crawls.retry",
+            "100ms",
+            {
+                "version": 1,
+                "crawl_id": str(task_crawl),
+                "page_id": str(task_page),
+                "url": url,
+                "depth": 0,
+                "frontier": "fifo",
+            },
+            message_id=str(task_page),
+            type="crawl.task",
+            headers={"attempt": 2},
+        )
+    letters = await deployed.dead_letters(topology.CRAWL_LANE, 2)
+    assert set(letters) == {str(p) for p in tasks}
+    assert {h["error-type"] for h in letters.values()} == {"Unrecognised"}
+    pages = await deployed.conn.fetch("SELECT id, status, attempts FROM crawl_pages")
+    assert [(p["id"], p["status"], p["attempts"]) for p in pages] == [(page_id, "queued", 0)]
+
+
+async def test_a_dead_letter_naming_no_order_is_never_replayed(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A consumer may publish to ``orders.dead``; what it puts there cannot become an order."""
+    forged = uuid.uuid4()
+    await deployed.publish(
+        "consumer", "orders.dead", "", an_order(forged), message_id=str(forged), **ORDER
+    )
+    await deployed.dead_letters(topology.ORDER_LANE, 1)
+    assert await dlq.command(deployed.operator, "replay", every=True) == 1
+    assert f"naming nothing the database holds: {forged}" in capsys.readouterr().err
+    assert set(await deployed.dead_letters(topology.ORDER_LANE, 1)) == {str(forged)}
+    await asyncio.sleep(1)  # nothing reached the work queue to be created
+    assert await deployed.conn.fetchval("SELECT count(*) FROM orders") == 0

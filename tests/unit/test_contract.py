@@ -169,6 +169,22 @@ def test_attempt_header_is_read_defensively(headers: FieldTable | None, attempt:
 
 
 @pytest.mark.parametrize(
+    ("headers", "continues"),
+    [
+        (None, False),  # another client's first publish
+        ({"attempt": 1}, False),  # the relay's
+        ({"attempt": 2}, True),  # a retry
+        ({"attempt": 1, "x-death": [{"queue": "orders.retry.100ms", "count": 1}]}, True),
+        ({"x-death": []}, True),  # dead-lettered: whatever the attempt header says
+    ],
+)
+def test_a_later_attempt_or_a_dead_lettered_message_continues_work(
+    headers: FieldTable | None, continues: bool
+) -> None:
+    assert messages.continues(raw(b"{}", headers=headers)) is continues
+
+
+@pytest.mark.parametrize(
     "message",
     [
         messages.encode(ORDER, attempt=2),

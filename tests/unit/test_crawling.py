@@ -7,7 +7,7 @@ import pytest
 
 from consumer.fetcher import parse
 from consumer.window import Window
-from shared import urls
+from shared import db, urls
 from shared.messages import Frontier
 
 
@@ -29,6 +29,11 @@ from shared.messages import Frontier
         ("/relative", None, None),
         ("http://example.com:99999/", None, None),
         ("http://example.com/" + "a" * 3000, None, None),
+        ("http://93.184.216.34/a\u0000b", None, None),  # PostgreSQL's text refuses NUL
+        ("http://example.com/\x07", None, None),
+        ("/a\ud800", "http://example.com/", None),  # a lone surrogate
+        ("http://example.com/a\n b\t", None, "http://example.com/a b"),  # as browsers drop them
+        ("http://example.com/caf\u00e9", None, "http://example.com/caf\u00e9"),
     ],
 )
 def test_normalise(url: str, base: str | None, expected: str | None) -> None:
@@ -75,6 +80,15 @@ def test_parse_takes_title_and_links_in_document_order_once() -> None:
     assert title == "Hello"
     assert links == ["http://example.com/docs/b", "http://example.com/a", "http://other.example/"]
     assert count == 5
+
+
+def test_titles_and_links_hold_nothing_postgresql_cannot_store() -> None:
+    html = "<title>a&#0;b\u0000c&#xD800;</title><a href='/x\u0000y'>x</a><a href='/ok'>ok</a>"
+    title, links, _ = parse(html.encode(), "utf-8", "http://example.com/")
+    assert title is not None
+    for text in (title, *links):
+        assert db.storable(text) == text
+    assert db.storable("x\x00y\ud800z") == "x\ufffdy\ufffdz"
 
 
 async def test_window_orders_each_queue_its_own_way() -> None:

@@ -24,9 +24,9 @@ import asyncpg
 from consumer.delivery import Delivery
 from consumer.fetcher import Fetcher, Page
 from consumer.metrics import Metrics
-from shared import messages, topology, urls
+from shared import db, messages, topology, urls
 from shared.db import CrawlStatus, PageStatus
-from shared.errors import InvalidMessage, PermanentError, TransientError
+from shared.errors import InvalidMessage, PermanentError, TransientError, Unrecognised
 from shared.messages import Frontier
 from shared.settings import ConsumerSettings
 
@@ -37,7 +37,7 @@ CLAIM = """
        SET status = 'fetching', attempts = p.attempts + 1, visit = nextval('crawl_visits'),
            claimed_until = clock_timestamp() + $3 * interval '1 second'
       FROM crawls c
-     WHERE p.id = $1 AND c.id = p.crawl_id
+     WHERE p.id = $1 AND c.id = p.crawl_id AND p.crawl_id = $4 AND p.url = $5
        AND (p.status = 'queued'
             OR (p.status = 'fetching' AND ($2 OR p.claimed_until < clock_timestamp())))
     RETURNING p.crawl_id, p.url, p.attempts, c.status AS crawl_status, c.allowed_hosts
@@ -109,13 +109,18 @@ class CrawlHandler:
     async def process(self, message: Delivery, attempt: int) -> str:
         task = messages.decode_task(message)
         takeover = message.redelivered or attempt > 1
-        claim = await self.pool.fetchrow(CLAIM, task.page_id, takeover, LEASE_SECONDS)
+        claim = await self.pool.fetchrow(
+            CLAIM, task.page_id, takeover, LEASE_SECONDS, task.crawl_id, task.url
+        )
         if claim is None:
-            status = await self.pool.fetchval(
-                "SELECT status FROM crawl_pages WHERE id = $1", task.page_id
+            stored = await self.pool.fetchrow(
+                "SELECT status, crawl_id, url FROM crawl_pages WHERE id = $1", task.page_id
             )
-            if status is None:
-                raise InvalidMessage(f"no crawl page {task.page_id}")
+            if stored is None:  # crawl tasks never create pages: only the API and the crawler do
+                raise Unrecognised(f"no crawl page {task.page_id}")
+            if (stored["crawl_id"], stored["url"]) != (task.crawl_id, task.url):
+                raise Unrecognised(f"the task is not crawl page {task.page_id} as stored")
+            status = stored["status"]
             if status == PageStatus.FETCHING:
                 raise TransientError(f"{task.url} is being fetched by another consumer")
             return "duplicate"
@@ -148,11 +153,11 @@ class CrawlHandler:
                 page_id,
                 status,
                 page.http_status,
-                page.content_type,
-                page.title,
+                page.content_type and db.storable(page.content_type),
+                page.title and db.storable(page.title),
                 page.link_count,
                 links,
-                error,
+                error and db.storable(error),
             )
             if stored is None:
                 return "duplicate"  # another consumer took the page over and settled it
@@ -173,7 +178,7 @@ class CrawlHandler:
                    WHERE id = $1 AND status IN ('queued', 'fetching')""",
                 page_id,
                 status,
-                error,
+                error and db.storable(error),
             )
             await conn.execute(CLOSE_IF_DONE, crawl_id)
 
@@ -183,7 +188,7 @@ class CrawlHandler:
                 """UPDATE crawl_pages SET status = 'queued', error = $2, claimed_until = NULL
                    WHERE id = $1 AND status = 'fetching'""",
                 page_id,
-                error,
+                db.storable(error),
             )
 
     async def failed(self, message: Delivery, error: str) -> None:

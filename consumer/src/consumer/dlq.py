@@ -3,7 +3,8 @@
 Each lane has its own (``--lane orders``, the default: ``orders.dead``; ``--lane crawls``:
 ``crawls.dead``). Browsing takes messages without acking them and closes the channel
 afterwards, which puts every message back; replay is a confirmed publish to the lane's work
-exchange with a fresh attempt count, then the ack of the dead letter.
+exchange with a fresh attempt count, then the ack of the dead letter; a dead letter that names no
+order or crawl page the database holds is never replayed.
 """
 
 import sys
@@ -95,6 +96,13 @@ async def show_dead(
         return next((d.detail() for d in letters if d.message.message_id == message_id), None)
 
 
+# What a dead letter must stand for to be replayed, by lane: an order or crawl page the database
+# holds. Anyone who may publish to a dead-letter exchange (a consumer) can put a message there;
+# replaying it must not create work that nobody submitted (docs/security.md).
+KNOWN = {
+    topology.ORDER_LANE.exchange.name: "SELECT EXISTS (SELECT FROM orders WHERE id = $1)",
+    topology.CRAWL_LANE.exchange.name: "SELECT EXISTS (SELECT FROM crawl_pages WHERE id = $1)",
+}
 # What replay resets, by lane: the order goes back to ``accepted``; the crawl page to
 # ``queued`` and its crawl, if it had completed, to ``running``.
 REOPEN = {
@@ -113,14 +121,21 @@ REOPEN = {
 }
 
 
+@dataclass
+class Replayed:
+    done: list[str]  # message ids sent back to work
+    unknown: list[str]  # message ids that name nothing the database holds: left in the queue
+
+
 async def replay(
     settings: ConsumerSettings,
     select: Callable[[DeadLetter], bool],
     limit: int,
     lane: topology.Lane = topology.ORDER_LANE,
-) -> list[str]:
-    """Send the selected dead letters back to work; what they stand for is reopened."""
-    replayed: list[str] = []
+) -> Replayed:
+    """Send the selected dead letters back to work; what they stand for is reopened. A dead
+    letter that names no order (or crawl page) the database holds stays where it is."""
+    result = Replayed([], [])
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with (
@@ -131,10 +146,13 @@ async def replay(
             exchange = await channel.get_exchange(lane.exchange.name, ensure=False)
             for letter in filter(select, letters):
                 message = letter.message
-                if (key := messages.order_id_of(message)) is not None:
-                    async with conn.transaction():
-                        for statement in REOPEN[lane.exchange.name]:
-                            await conn.execute(statement, key)
+                key = messages.order_id_of(message)
+                if key is None or not await conn.fetchval(KNOWN[lane.exchange.name], key):
+                    result.unknown.append(message.message_id or "")
+                    continue  # not acked: it goes back to the dead-letter queue
+                async with conn.transaction():
+                    for statement in REOPEN[lane.exchange.name]:
+                        await conn.execute(statement, key)
                 headers = {
                     k: v for k, v in (message.headers or {}).items() if k not in DROP_ON_REPLAY
                 }
@@ -146,10 +164,10 @@ async def replay(
                     settings.publish_timeout,
                 )
                 await message.ack()
-                replayed.append(message.message_id or "")
+                result.done.append(message.message_id or "")
     finally:
         await conn.close()
-    return replayed
+    return result
 
 
 async def purge(settings: ConsumerSettings, lane: topology.Lane = topology.ORDER_LANE) -> int:
@@ -198,14 +216,21 @@ async def command(
             print("name message ids to replay, or pass --all", file=sys.stderr)
             return 2
         wanted = set(message_ids)
-        done = await replay(
+        result = await replay(
             settings, lambda d: every or d.message.message_id in wanted, limit, chosen
         )
-        for replayed in done:
+        for replayed in result.done:
             print(replayed)
-        print(f"replayed {len(done)} message(s)", file=sys.stderr)
-        if not every and len(done) < len(wanted):
-            print(f"not found: {', '.join(sorted(wanted - set(done)))}", file=sys.stderr)
+        print(f"replayed {len(result.done)} message(s)", file=sys.stderr)
+        if result.unknown:
+            print(
+                f"not replayed, naming nothing the database holds: {', '.join(result.unknown)}",
+                file=sys.stderr,
+            )
+        missing = wanted - set(result.done) - set(result.unknown)
+        if missing and not every:
+            print(f"not found: {', '.join(sorted(missing))}", file=sys.stderr)
+        if result.unknown or (missing and not every):
             return 1
     elif action == "purge":
         if not yes:

@@ -115,6 +115,8 @@ class Fetcher:
                 return await self._read(url, response)
         except urls.AddressRefused as exc:
             return Page(PageStatus.FAILED, error=str(exc))
+        except aiohttp.InvalidURL as exc:
+            return Page(PageStatus.FAILED, error=f"invalid URL: {exc}")
 
     @asynccontextmanager
     async def _get(self, url: str, crawl_delay: float) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -131,6 +133,8 @@ class Fetcher:
                 if isinstance(exc.__cause__, urls.AddressRefused):
                     raise exc.__cause__ from None
                 raise FetchFailed(f"cannot connect to {host}: {exc.os_error}") from None
+            except aiohttp.InvalidURL:
+                raise  # no retry can mend it: fetch() fails the page
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise FetchFailed(f"fetching {url} failed: {_name(exc)}") from None
 

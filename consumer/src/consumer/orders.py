@@ -17,9 +17,9 @@ import asyncpg
 
 from consumer.delivery import Delivery
 from consumer.metrics import Metrics
-from shared import messages, topology
+from shared import db, messages, topology
 from shared.batch import Batcher
-from shared.errors import PaymentUnavailable, PermanentError
+from shared.errors import PaymentUnavailable, PermanentError, Unrecognised
 from shared.messages import Frontier, OrderMessage
 from shared.settings import ConsumerSettings
 
@@ -30,20 +30,33 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # already final: acked with no effect
 
 
-# Also creates the order when another AMQP client published it straight to the exchange. One
-# statement for a whole batch, its rows in id order so that batches never deadlock.
+# One statement for a whole batch, its rows in id order so that batches never deadlock. A message
+# may create its order only when it is a first publish (another AMQP client published it straight
+# to the exchange); one that continues work (``messages.continues``) only finds it. Either way the
+# body must be the stored order's, or the message is not believed and the row is left alone.
 START = """
-    INSERT INTO orders (id, customer_id, items, priority, status, attempts)
-    SELECT id, customer_id, items::jsonb, priority, 'processing', 1
-      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[])
-           AS n (id, customer_id, items, priority)
-     ORDER BY id
-    ON CONFLICT (id) DO UPDATE
-        SET status = 'processing', attempts = orders.attempts + 1,
-            next_attempt_at = NULL, updated_at = clock_timestamp()
-        WHERE orders.status NOT IN ('completed', 'rejected', 'failed')
-    RETURNING id, attempts
+    WITH n AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bool[])
+                 AS n (id, customer_id, items, priority, fresh)
+    ), known AS (
+        SELECT o.id, o.customer_id = n.customer_id AND o.items = n.items::jsonb AS same
+          FROM orders o JOIN n USING (id)
+    ), started AS (
+        INSERT INTO orders (id, customer_id, items, priority, status, attempts)
+        SELECT n.id, n.customer_id, n.items::jsonb, n.priority, 'processing', 1
+          FROM n LEFT JOIN known k USING (id)
+         WHERE k.same OR (k.id IS NULL AND n.fresh)
+         ORDER BY n.id
+        ON CONFLICT (id) DO UPDATE
+            SET status = 'processing', attempts = orders.attempts + 1,
+                next_attempt_at = NULL, updated_at = clock_timestamp()
+            WHERE orders.status NOT IN ({final})
+        RETURNING id, attempts
+    )
+    SELECT n.id, s.attempts, k.id IS NOT NULL OR n.fresh AS known, k.same IS NOT false AS same
+      FROM n LEFT JOIN known k USING (id) LEFT JOIN started s USING (id)
 """
+START = START.format(final=db.FINAL_SQL)
 
 
 class OrderHandler:
@@ -58,7 +71,7 @@ class OrderHandler:
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
         # The runners' statements go to PostgreSQL in batches: two commits per batch, not per
         # order (shared/batch.py).
-        self.start = Batcher(self._start, key=attrgetter("id"))
+        self.start = Batcher(self._start, key=lambda job: job[0].id)
         self.reserve = Batcher(self._reserve, key=attrgetter("id"))
 
     def place(self, message: Delivery) -> tuple[Frontier, int]:
@@ -67,7 +80,9 @@ class OrderHandler:
     async def process(self, message: Delivery, attempt: int) -> str:
         """Run one attempt of an order; raises on a transient failure."""
         order = messages.decode(message)
-        started = await self.start(order)
+        started = await self.start((order, messages.continues(message)))
+        if isinstance(started, Unrecognised):
+            raise started
         if started is None:
             return Outcome.DUPLICATE
         if started > 2 * self.max_attempts:
@@ -84,17 +99,22 @@ class OrderHandler:
         if (order_id := messages.order_id_of(message)) is not None:
             await mark_failed(self.pool, order_id, error)
 
-    async def _start(self, orders: Sequence[OrderMessage]) -> list[int | None]:
-        """Record an attempt of each order: its attempt count, or None if it is already final."""
+    async def _start(
+        self, jobs: Sequence[tuple[OrderMessage, bool]]
+    ) -> list[int | Unrecognised | None]:
+        """Record an attempt of each order (with whether its message continues earlier work): its
+        attempt count, None if it is already final, or why its message is not believed."""
+        orders = [order for order, _ in jobs]
         rows = await self.pool.fetch(
             START,
             [o.id for o in orders],
             [o.customer_id for o in orders],
             [messages.items_json(o) for o in orders],
             [o.priority for o in orders],
+            [not continues for _, continues in jobs],
         )
-        attempts = {row["id"]: row["attempts"] for row in rows}
-        return [attempts.get(o.id) for o in orders]
+        found = {row["id"]: row for row in rows}
+        return [_started(found[o.id]) for o in orders]
 
     async def _reserve(self, orders: Sequence[OrderMessage]) -> list[Outcome]:
         """Reserve every line of each order or none, and mark it final, in one transaction.
@@ -126,6 +146,17 @@ class OrderHandler:
         return [outcomes[o.id] for o in orders]
 
 
+def _started(row: asyncpg.Record) -> int | Unrecognised | None:
+    if not row["known"]:
+        return Unrecognised(
+            f"no order {row['id']}: a retried or replayed message only continues an order the "
+            "database holds"
+        )
+    if not row["same"]:
+        return Unrecognised(f"the body is not order {row['id']} as the database holds it")
+    return row["attempts"]  # type: ignore[no-any-return]
+
+
 async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings) -> None:
     """Stand-in for the slow calls an order needs (payment, fraud check); fails on demand."""
     if settings.order_work_ms:
@@ -139,20 +170,20 @@ async def external_work(order_id: UUID, attempt: int, settings: ConsumerSettings
 
 async def mark_retrying(pool: asyncpg.Pool, order_id: UUID, error: str, delay_ms: int) -> None:
     await pool.execute(
-        """UPDATE orders SET status = 'retrying', reason = $2, updated_at = clock_timestamp(),
-                             next_attempt_at = clock_timestamp() + $3 * interval '1 millisecond'
-           WHERE id = $1 AND status NOT IN ('completed', 'rejected', 'failed')""",
+        f"""UPDATE orders SET status = 'retrying', reason = $2, updated_at = clock_timestamp(),
+                              next_attempt_at = clock_timestamp() + $3 * interval '1 millisecond'
+            WHERE id = $1 AND status NOT IN ({db.FINAL_SQL})""",
         order_id,
-        error,
+        db.storable(error),
         delay_ms,
     )
 
 
 async def mark_failed(pool: asyncpg.Pool, order_id: UUID, reason: str) -> None:
     await pool.execute(
-        """UPDATE orders SET status = 'failed', reason = $2, next_attempt_at = NULL,
-                             updated_at = clock_timestamp()
-           WHERE id = $1 AND status NOT IN ('completed', 'rejected', 'failed')""",
+        f"""UPDATE orders SET status = 'failed', reason = $2, next_attempt_at = NULL,
+                              updated_at = clock_timestamp()
+            WHERE id = $1 AND status NOT IN ({db.FINAL_SQL})""",
         order_id,
-        reason,
+        db.storable(reason),
     )

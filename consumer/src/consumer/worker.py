@@ -34,7 +34,7 @@ from consumer.metrics import Metrics
 from consumer.orders import OrderHandler
 from consumer.window import Window
 from shared import amqp, db, logs, messages, topology
-from shared.errors import InvalidMessage, PermanentError
+from shared.errors import InvalidMessage, PermanentError, Unrecognised
 from shared.messages import Frontier
 from shared.metrics import serve_metrics
 from shared.settings import ConsumerSettings
@@ -200,6 +200,8 @@ class Worker:
             with handler.metrics.processing_seconds.time():
                 async with asyncio.timeout(handler.timeout):
                     outcome = await handler.process(message, attempt)
+        except Unrecognised as exc:  # not believed: the record it names stays as it is
+            await self._dead_letter(lane, message, exc, attempt, "poison", record=False)
         except InvalidMessage as exc:
             await self._dead_letter(lane, message, exc, attempt, "poison")
         except PermanentError as exc:
@@ -240,6 +242,7 @@ class Worker:
         exc: Exception,
         attempt: int,
         reason: str,
+        record: bool = True,
     ) -> None:
         error = _describe(exc)
         log.error(
@@ -249,7 +252,8 @@ class Worker:
             attempt,
             error,
         )
-        await _best_effort(lane.handler.failed(message, error))
+        if record:
+            await _best_effort(lane.handler.failed(message, error))
         headers = {messages.ATTEMPT: attempt, **_failure_headers(message, exc)}
         lane.handler.metrics.dead_lettered.labels(reason).inc()
         await self._move(lane, message, lane.dead, headers, "")

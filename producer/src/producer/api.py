@@ -401,6 +401,12 @@ async def readyz(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
     broker = "ok" if backlog.connected else "unreachable"
     if database != "ok" or broker != "ok":
         raise Problem(
-            503, "Not ready", headers={"Retry-After": "1"}, database=database, broker=broker
+            503,
+            "Not ready",
+            f"The database is {database}; the broker is {broker}.",
+            "/problems/not-ready",
+            headers={"Retry-After": "1"},
+            database=database,
+            broker=broker,
         )
     return {"status": "ready", "database": database, "broker": broker}

@@ -39,23 +39,25 @@ class Problem(Exception):
         self,
         status: int,
         title: str,
-        detail: str | None = None,
-        type_: str = "about:blank",
+        detail: str,
+        type_: str,
         headers: dict[str, str] | None = None,
         **extensions: Any,
     ) -> None:
-        super().__init__(detail or title)
+        super().__init__(detail)
         self.status, self.title, self.detail, self.type = status, title, detail, type_
         self.headers = headers or {}
         self.extensions = extensions
 
-    def response(self, instance: str | None = None) -> Response:
-        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
-        if self.detail:
-            body["detail"] = self.detail
-        if instance:
-            body["instance"] = instance
-        body.update(self.extensions)
+    def response(self, instance: str) -> Response:
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            **self.extensions,
+        }
         return Response(orjson.dumps(body), self.status, self.headers, MEDIA_TYPE)
 
 
@@ -70,11 +72,11 @@ class ProblemDetails(BaseModel):
 
     model_config = ConfigDict(title="Problem", extra="allow")  # extension members may follow
 
-    type: str = Field(description="the kind of problem; about:blank for a plain HTTP status")
+    type: str = Field(description="the kind of problem, a path under /problems/")
     title: str
     status: int
-    detail: str | None = None
-    instance: str | None = Field(None, description="the request's path")
+    detail: str = Field(description="what went wrong with this request, for a person")
+    instance: str = Field(description="the request's path")
     errors: list[FieldError] | None = Field(
         None, description="a 400 or 422 for a request that breaks the schema: what broke it"
     )
@@ -125,7 +127,12 @@ def answer(exc: Exception, instance: str) -> Response:
             headers={"Retry-After": "1"},
         ).response(instance)
     log.error("unexpected error", exc_info=exc)
-    return Problem(500, "Internal server error").response(instance)
+    return Problem(
+        500,
+        "Internal server error",
+        "An unexpected error; the server logged it. Try again later.",
+        "/problems/internal-server-error",
+    ).response(instance)
 
 
 _SCHEMAS = "#/components/schemas/"
@@ -219,11 +226,18 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         # FastAPI's answer to a JSON body that is not UTF-8: the same as to any bad JSON.
         error = {"loc": ["body"], "msg": "not UTF-8", "type": "json_invalid"}
         return _malformed([error]).response(request.url.path)
-    if exc.status_code == 405:  # Starlette names the methods of one route; a path may have more
+    title, path = _reason(exc.status_code), request.url.path
+    if exc.status_code == 404:  # no route, or a path parameter that is not of its type
+        detail = f"Nothing is found at {path}."
+    elif exc.status_code == 405:  # Starlette names the methods of one route; a path may have more
         headers["Allow"] = ", ".join(_methods(request))
-    title = _reason(exc.status_code)
-    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-    return Problem(exc.status_code, title, detail, headers=headers).response(request.url.path)
+        detail = f"{path} does not take {request.method}; it takes {headers['Allow']}."
+    elif isinstance(exc.detail, str) and exc.detail != title:
+        detail = exc.detail
+    else:
+        detail = f"The request was answered {exc.status_code} {title}."
+    kind = "/problems/" + title.lower().replace(" ", "-")  # /problems/not-found, ...
+    return Problem(exc.status_code, title, detail, kind, headers=headers).response(path)
 
 
 def _methods(request: Request) -> list[str]:

@@ -78,7 +78,17 @@ async def consume(
 async def publish(
     exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, confirm_within: float
 ) -> None:
-    """Publish and wait for the confirm. A timeout means *in doubt*: it may still arrive."""
+    """Publish and wait for the confirm. A timeout means *in doubt*: it may still arrive.
+
+    A message without ``message_id`` keeps it absent (aiormq's ``basic_publish`` would invent one):
+    it goes through ``publish_all``, without ``mandatory``."""
+    if message.message_id is None:
+        channel = cast(aio_pika.Exchange, exchange).channel
+        outgoing = Outgoing(message.body, message.properties)
+        [error] = await publish_all(channel, exchange.name, [outgoing], routing_key, confirm_within)
+        if error is not None:
+            raise error
+        return
     await exchange.publish(message, routing_key, mandatory=True, timeout=confirm_within)
 
 
@@ -93,7 +103,10 @@ async def publish_all(
 
     One outcome per message: None once confirmed, else the error: ``DeliveryError`` for a nack,
     ``PublishError`` for an unroutable message (``confirmed_channel``); in doubt, a
-    ``TimeoutError``, or a ``ConnectionError`` when the channel closed first.
+    ``TimeoutError``, or a ``ConnectionError`` when the channel closed first. A return is matched
+    to its message by ``message_id``, so a message without one is sent without ``mandatory``: only
+    the worker sends such messages (poison, to a lane's fanout dead-letter exchange, which routes
+    to its queue whatever the key).
 
     The outbox relay's hot path: the whole round goes to the socket as one write, where aiormq's
     ``basic_publish`` takes the channel's lock, a task and a socket write per message: the relay's
@@ -104,8 +117,6 @@ async def publish_all(
     """
     if not messages:
         return []
-    if not all(m.properties.message_id for m in messages):  # a return is matched by it
-        raise ValueError("publish_all needs a message_id on every message")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     confirms: list[asyncio.Future[Any]] = []
     frames: list[Any] = []
@@ -115,12 +126,13 @@ async def publish_all(
             tag = underlay.delivery_tag
             confirm = underlay.create_future()
             underlay.confirmations[tag] = confirm
-            message_id = cast(str, message.properties.message_id)  # checked above
-            underlay.message_id_delivery_tag[message_id] = tag
-            confirm.add_done_callback(partial(_forget, underlay, message_id, tag))
+            if message_id := message.properties.message_id:
+                underlay.message_id_delivery_tag[message_id] = tag
+                confirm.add_done_callback(partial(_forget, underlay, message_id, tag))
             confirms.append(confirm)
+            mandatory = bool(message_id)
             frames += (
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
+                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
                 ContentHeader(properties=message.properties, body_size=len(message.body)),
                 *_split(message.body, underlay.max_content_size),
             )

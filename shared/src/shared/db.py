@@ -12,6 +12,7 @@ Order states::
 
 import asyncio
 import logging
+import re
 import time
 from enum import StrEnum
 
@@ -31,6 +32,15 @@ class Status(StrEnum):
 
 
 FINAL = (Status.COMPLETED, Status.REJECTED, Status.FAILED)
+FINAL_SQL = ", ".join(f"'{status}'" for status in FINAL)  # for ``status NOT IN (...)``
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL's ``text`` takes it: NUL and lone surrogates become U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 class CrawlStatus(StrEnum):

@@ -252,6 +252,13 @@ def attempt_of(message: Received) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
+def continues(message: Received) -> bool:
+    """Whether a delivery continues work begun earlier: it says it is a later attempt, or it went
+    through a retry or dead-letter queue (the broker's ``x-death``, which no publisher can leave
+    off). Such a message may only continue work the database holds (docs/security.md)."""
+    return attempt_of(message) > 1 or "x-death" in (message.headers or {})
+
+
 def order_id_of(message: Received) -> UUID | None:
     """The order (or crawl page) a delivery names in ``message_id``, even when its body is
     unreadable."""

@@ -10,10 +10,12 @@ Hosts named in CRAWL_ALLOWED_PRIVATE_HOSTS are exempt.
 import asyncio
 import ipaddress
 import socket
+import unicodedata
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 SCHEMES = ("http", "https")
 MAX_URL_LENGTH = 2048
+_TAB_AND_NEWLINES = str.maketrans("", "", "\t\n\r")
 
 
 class AddressRefused(OSError):
@@ -22,9 +24,14 @@ class AddressRefused(OSError):
 
 def normalise(url: str, base: str | None = None) -> str | None:
     """``url`` made absolute against ``base``, fragment dropped, scheme and host lowercased,
-    default port removed; ``None`` when it is not an http(s) URL a crawl can follow."""
+    default port removed; ``None`` when it is not an http(s) URL a crawl can follow. Tabs and
+    line breaks are dropped, as browsers do; any other control character (NUL too) or a lone
+    surrogate makes it unfollowable: PostgreSQL could not store it, and no server could see it."""
+    url = url.strip().translate(_TAB_AND_NEWLINES)
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in url):
+        return None
     try:
-        parts = urlsplit(urljoin(base, url.strip()) if base else url.strip())
+        parts = urlsplit(urljoin(base, url) if base else url)
         port = parts.port
     except ValueError:
         return None

@@ -1,9 +1,16 @@
-# syntax=docker/dockerfile:1
 # One image recipe for both services, built from the repo root so `shared` installs as a package:
 #   docker build --target producer .    docker build --target consumer .
+# No `# syntax=` line: BuildKit would fetch a frontend image from Docker Hub on every build; the
+# built-in one handles everything here. The base images are build arguments, the official ones by
+# default, so a mirror or a local build of the same software can stand in. uv's version is the
+# one the Makefile installs (tests/deploy/test_files.py checks they agree).
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 
-FROM python:3.11-slim AS build
-COPY --from=ghcr.io/astral-sh/uv:0.9 /uv /usr/local/bin/uv
+FROM ${UV_IMAGE} AS uv
+
+FROM ${PYTHON_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/app
 WORKDIR /src
@@ -23,7 +30,7 @@ COPY cli cli
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package "${SERVICE}"
 
-FROM python:3.11-slim AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --no-create-home app
 ENV PATH=/app/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001

@@ -13,9 +13,12 @@ CONSUMERS ?= 2
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
+# The Dockerfile's UV_IMAGE has the same version.
+UV_VERSION := 0.13.9
+
 .tools/bin/uv:
 	python3 -m venv .tools
-	.tools/bin/pip install --quiet uv
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
 up: secrets ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, relay, consumer)
 	$(COMPOSE) up -d --build --wait

@@ -10,7 +10,8 @@ if ! docker info >/dev/null 2>&1; then
   exit 0
 fi
 
-export COMPOSE_PROJECT_NAME=orders-smoke PRODUCER_PORT=${SMOKE_PORT:-18000} RABBITMQ_MANAGEMENT_PORT=${SMOKE_MGMT_PORT:-25672}
+# Ports of its own, none of RabbitMQ's (5672, 15672, 25672: any local node holds them).
+export COMPOSE_PROJECT_NAME=orders-smoke PRODUCER_PORT=${SMOKE_PORT:-18000} RABBITMQ_MANAGEMENT_PORT=${SMOKE_MGMT_PORT:-18672}
 compose() { docker compose -p "$COMPOSE_PROJECT_NAME" "$@"; }
 trap 'compose down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
 
@@ -49,3 +50,4 @@ workers=$(docker compose -p "$COMPOSE_PROJECT_NAME" exec -T postgres \
   psql -U orders -d orders -tAc \
   "SELECT count(DISTINCT processed_by) FROM orders WHERE customer_id LIKE 'smoke-%'")
 echo "smoke: ${#ids[@]} orders completed, processed by $workers of 5 consumers"
+[ "$workers" -eq 5 ] || { echo "smoke: the work was not shared by all 5 consumers"; exit 1; }

@@ -1,5 +1,7 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine."""
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -98,3 +100,103 @@ def test_env_example_shows_every_setting() -> None:
         f for s in (ProducerSettings, ConsumerSettings, SetupSettings) for f in s.model_fields
     }
     assert {f.upper() for f in fields} - shown == set()
+
+
+# Set by compose itself, whatever .env says (the comment at the top of docker-compose.yml).
+COMPOSE_SETS = {
+    "RABBITMQ_URL",
+    "DATABASE_URL",
+    "RABBITMQ_PASSWORD_FILE",
+    "DATABASE_PASSWORD_FILE",
+    "API_KEYS",
+    "API_KEYS_FILE",
+    "HOST",
+    "PORT",
+    "METRICS_PORT",
+    "RELAY_INLINE",
+    "CONSUMER_NAME",
+}
+READERS = {"both": ("producer", "relay", "consumer"), "producer": ("producer", "relay")}
+READERS["consumer"] = ("consumer",)
+
+
+def readme_settings() -> dict[str, str]:
+    """The README's configuration table: each variable and who reads it."""
+    table = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]):
+                found[name] = cells[2]
+    return found
+
+
+def test_every_setting_in_env_reaches_the_services_that_read_it(tmp_path: Path) -> None:
+    """A value in .env is what the service that reads it gets, for every setting the README
+    lists, except those compose sets itself; compose's own values stay compose's."""
+    settings = readme_settings()
+    assert len(settings) > 40
+    assert set(settings.values()) == set(READERS)
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path)
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    (tmp_path / ".env").write_text("".join(f"{name}=set-in-env-{name}\n" for name in settings))
+    rendered = subprocess.run(
+        [_tool("docker-compose"), "config", "--format", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    services = json.loads(rendered.stdout)["services"]
+    for name, readers in settings.items():
+        for service in READERS[readers]:
+            got = services[service]["environment"].get(name)
+            if name in COMPOSE_SETS:
+                assert got != f"set-in-env-{name}", (service, name)
+            else:
+                assert got == f"set-in-env-{name}", (service, name)
+    for service in ("producer", "relay", "consumer"):
+        assert "CONSUMER_NAME" not in services[service]["environment"]  # each replica its own
+
+
+def test_the_images_are_built_once_each_from_base_images_that_are_parameters() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["relay"]["image"] == services["producer"]["image"]
+    assert services["setup"]["image"] == services["consumer"]["image"]
+    assert services["rabbitmq"]["image"] == "${RABBITMQ_IMAGE:-rabbitmq:4.1-management}"
+    assert services["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:17-alpine}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^# *syntax=", dockerfile, re.M)  # BuildKit would fetch a frontend
+    pinned = re.search(r"^ARG UV_IMAGE=ghcr.io/astral-sh/uv:(\S+)$", dockerfile, re.M)
+    assert pinned, "the uv image is a build argument with a version"
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"UV_VERSION := {pinned[1]}\n" in makefile  # the same uv everywhere
+    for service in ("producer", "consumer"):
+        assert services[service]["build"]["args"]["UV_IMAGE"].endswith(f"uv:{pinned[1]}}}")
+
+
+def test_the_consumer_is_healthy_only_while_consuming_and_keeps_its_scale() -> None:
+    consumer = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["consumer"]
+    assert consumer["healthcheck"]["test"] == ["CMD", "python", "-m", "consumer", "health"]
+    assert consumer["deploy"]["replicas"] == "${CONSUMER_REPLICAS:-1}"
+
+
+def test_the_readmes_key_command_reads_the_first_key_after_a_rotation(tmp_path: Path) -> None:
+    """docs/security.md rotates a key by appending ``,new:KEY`` to secrets/api-keys."""
+    [command] = re.findall(r"^export KEY=(\$\(.*\))", (ROOT / "README.md").read_text(), re.M)
+    (tmp_path / "secrets").mkdir()
+    for content in ("local:first-Key_1\n", "local:first-Key_1,new:second-Key_2\n"):
+        (tmp_path / "secrets" / "api-keys").write_text(content)
+        shown = subprocess.run(
+            ["bash", "-c", f"echo {command}"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert shown.stdout.strip() == "first-Key_1", (content, shown.stderr)
+
+
+def test_the_smoke_script_uses_ports_of_its_own_and_demands_five_consumers() -> None:
+    script = (ROOT / "scripts/smoke.sh").read_text()
+    defaults = {int(p) for p in re.findall(r"\$\{SMOKE_\w+:-(\d+)\}", script)}
+    assert len(defaults) == 2
+    assert not defaults & {4369, 5672, 15672, 15692, 25672}  # RabbitMQ's own
+    assert '[ "$workers" -eq 5 ] || {' in script  # fewer than five sharing the work fails

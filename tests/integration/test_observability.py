@@ -1,5 +1,8 @@
 """Metrics count what happened; log lines are JSON and name their order."""
 
+import asyncio
+import os
+import sys
 import uuid
 
 import aio_pika
@@ -9,7 +12,16 @@ import orjson
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import consuming, set_stock, settled, submit, wait_until
+from consumer.__main__ import healthy
+from tests.integration.conftest import (
+    ProxyFactory,
+    WorkerFactory,
+    consuming,
+    set_stock,
+    settled,
+    submit,
+    wait_until,
+)
 from tests.integration.processes import free_port
 
 
@@ -83,3 +95,34 @@ async def test_consumer_metrics_and_json_logs(
     completed = await conn.fetch("SELECT id::text FROM orders WHERE status = 'completed'")
     assert {r["id"] for r in completed} <= about
     assert any(line.get("order_id") == poison and line["level"] == "ERROR" for line in lines)
+
+
+async def test_the_consumer_healthcheck_says_whether_it_consumes(
+    start_worker: WorkerFactory, proxy_to: ProxyFactory, rabbitmq_url: str
+) -> None:
+    """``python -m consumer health``, compose's healthcheck: healthy while every lane's queue is
+    consumed; not while the broker is out of reach, nor once the worker has stopped."""
+    port = free_port()
+    assert await health_command(port) == 1  # nothing serves metrics yet
+    proxy = await proxy_to(rabbitmq_url)
+    stop = await start_worker(rabbitmq_url=proxy.url(rabbitmq_url), metrics_port=port)
+    await wait_until(lambda: is_healthy(port, True), 30, "a healthy consumer")
+    assert await health_command(port) == 0
+    await proxy.cut()
+    await wait_until(lambda: is_healthy(port, False), 60, "the consumer to say it cannot consume")
+    await proxy.restore()
+    await wait_until(lambda: is_healthy(port, True), 60, "the consumer to recover")
+    stop.set()
+    await wait_until(lambda: is_healthy(port, False), 30, "a stopped consumer to be unhealthy")
+    assert await health_command(port) == 1
+
+
+async def is_healthy(port: int, expected: bool) -> bool:
+    return await asyncio.to_thread(healthy, port) is expected
+
+
+async def health_command(port: int) -> int:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", "health", env={**os.environ, "METRICS_PORT": str(port)}
+    )
+    return await asyncio.wait_for(process.wait(), 30)

@@ -1,9 +1,11 @@
-"""``python -m consumer`` runs one worker; ``python -m consumer dlq ...`` handles dead letters."""
+"""``python -m consumer`` runs one worker; ``python -m consumer dlq ...`` handles dead letters;
+``python -m consumer health`` is the container's healthcheck."""
 
 import argparse
 import asyncio
 import signal
 import sys
+import urllib.request
 
 import uvloop
 
@@ -21,9 +23,22 @@ async def _work(settings: ConsumerSettings) -> None:
     await serve(settings, stop)
 
 
+def healthy(port: int) -> bool:
+    """Whether the consumer serving metrics on ``port`` consumes every lane's queue now."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return False
+    return "\nconsumer_consuming 1.0\n" in text
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     sub = root.add_subparsers(dest="command")
+    sub.add_parser(
+        "health", help="exit 0 if the consumer on METRICS_PORT is consuming (the healthcheck)"
+    )
     dead = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
     actions = dead.add_subparsers(dest="action", required=True)
     for name, help_ in (
@@ -51,6 +66,8 @@ def main() -> None:
     args = parser().parse_args()
     settings = ConsumerSettings()
     logs.configure(settings.log_level, settings.log_format)
+    if args.command == "health":
+        sys.exit(0 if healthy(settings.metrics_port) else 1)
     if args.command == "dlq":
         sys.exit(
             uvloop.run(

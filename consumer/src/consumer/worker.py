@@ -24,7 +24,7 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import DeliveredMessage
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from consumer.acks import Acks
 from consumer.crawler import CrawlHandler
@@ -36,7 +36,7 @@ from consumer.window import Window
 from shared import amqp, db, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError, Unrecognised
 from shared.messages import Frontier
-from shared.metrics import serve_metrics
+from shared.metrics import serving_metrics
 from shared.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,11 @@ class _Lane:
 class Worker:
     """Consumes every handler's work queue with manual acks."""
 
-    def __init__(self, settings: ConsumerSettings, handlers: Sequence[Handler]) -> None:
+    def __init__(
+        self, settings: ConsumerSettings, handlers: Sequence[Handler], consuming: Gauge
+    ) -> None:
         self.settings, self.handlers = settings, handlers
+        self.consuming = consuming  # 1 while every lane's queue is consumed: the healthcheck
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after any broker trouble; then drain."""
@@ -146,9 +149,11 @@ class Worker:
                 amqp.until_closed(consuming, publishing, publisher, *(ln.channel for ln in lanes))
             )
             stopped = asyncio.ensure_future(stop.wait())
+            self.consuming.set(1)
             try:
                 await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self.consuming.set(0)
                 stopped.cancel()
                 lost.cancel()
             if stop.is_set():
@@ -330,21 +335,27 @@ def _failure_headers(message: Delivery, exc: Exception) -> dict[str, object]:
 async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
     """Open the pool, migrate, and run one worker with both lanes until ``stop``."""
     registry = CollectorRegistry()
-    server = serve_metrics(registry, settings.metrics_port)
-    pool = await db.create_pool(
-        settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
-    )
-    try:
-        await db.migrate(pool, settings.startup_timeout)
-        async with Fetcher(settings) as fetcher:
-            handlers: list[Handler] = [
-                OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
-                CrawlHandler(
-                    pool, settings, Metrics.create(registry, "crawl_task", "crawl_tasks"), fetcher
-                ),
-            ]
-            await Worker(settings, handlers).run(stop)
-    finally:
-        await pool.close()
-        if server is not None:
-            server.shutdown()
+    with serving_metrics(registry, settings.metrics_port):
+        pool = await db.create_pool(
+            settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
+        )
+        try:
+            await db.migrate(pool, settings.startup_timeout)
+            async with Fetcher(settings) as fetcher:
+                handlers: list[Handler] = [
+                    OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
+                    CrawlHandler(
+                        pool,
+                        settings,
+                        Metrics.create(registry, "crawl_task", "crawl_tasks"),
+                        fetcher,
+                    ),
+                ]
+                consuming = Gauge(
+                    "consumer_consuming",
+                    "1 while every lane's queue is consumed",
+                    registry=registry,
+                )
+                await Worker(settings, handlers, consuming).run(stop)
+        finally:
+            await pool.close()

@@ -36,7 +36,7 @@ from aio_pika.abc import AbstractChannel
 from producer.metrics import Metrics
 from shared import amqp, db, topology
 from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
-from shared.metrics import serve_metrics
+from shared.metrics import serving_metrics
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -277,13 +277,11 @@ async def serve(settings: ProducerSettings, stop: asyncio.Event) -> None:
         metrics.queue_depth,
     ):
         metrics.registry.unregister(unmeasured)
-    server = serve_metrics(metrics.registry, settings.port)
-    pool = await db.create_pool(settings.database_url, PUBLISHERS)
-    try:
-        await db.migrate(pool, settings.startup_timeout)
-        async with running(pool, settings, metrics):
-            await stop.wait()
-    finally:
-        await pool.close()
-        if server is not None:
-            server.shutdown()
+    with serving_metrics(metrics.registry, settings.port):
+        pool = await db.create_pool(settings.database_url, PUBLISHERS)
+        try:
+            await db.migrate(pool, settings.startup_timeout)
+            async with running(pool, settings, metrics):
+                await stop.wait()
+        finally:
+            await pool.close()

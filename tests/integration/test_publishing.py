@@ -3,9 +3,13 @@ confirm counts as published (the outbox relay forgets a row on nothing else); ``
 over every delivery, in order, without a task each."""
 
 import asyncio
+import gc
+import threading
+import warnings
 from collections.abc import AsyncIterator
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import DeliveryError, PublishError
@@ -189,3 +193,30 @@ async def test_an_error_in_receive_closes_the_channel_and_gives_its_deliveries_b
             while (await bound.declare()).message_count != 20:
                 await asyncio.sleep(0.05)
     assert seen[:3] == [b"0", b"1", b"2"]
+
+
+async def test_a_failed_handshake_leaves_no_connection_for_the_collector_to_close() -> None:
+    """Seen in the relay while a broker restarted: ``RuntimeWarning: coroutine 'Connection.close'
+    was never awaited``, from aio-pika's ``__del__`` of a connection whose handshake failed, run
+    by the collector in a thread without an event loop (the metrics server's)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)  # the protocol header, then nothing
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gc.disable()  # the collector runs where this test says, not whenever it likes
+    try:
+        with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+            await amqp.connect(f"amqp://guest:guest@127.0.0.1:{port}/", "test-hang-up")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collector = threading.Thread(target=gc.collect)
+            collector.start()
+            collector.join()
+    finally:
+        gc.enable()
+        server.close()
+        await server.wait_closed()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -26,13 +26,21 @@ log = logging.getLogger(__name__)
 
 
 async def connect(url: str, name: str) -> AbstractConnection:
-    """A plain connection: callers own the reconnect loop, so recovery is explicit."""
+    """A plain connection: callers own the reconnect loop, so recovery is explicit.
+
+    ``aio_pika.connect`` drops a connection whose handshake failed without closing it; its
+    ``__del__`` then makes a ``close()`` coroutine that nobody awaits when the collector runs in
+    a thread without an event loop (RuntimeWarning). This one is closed here instead."""
     parsed = URL(url)
     if "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=HEARTBEAT)
-    return await aio_pika.connect(
-        parsed, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": name}
-    )
+    connection = aio_pika.Connection(parsed, client_properties={"connection_name": name})
+    try:
+        await connection.connect(timeout=CONNECT_TIMEOUT)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
 
 
 async def confirmed_channel(connection: AbstractConnection) -> AbstractChannel:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import platform
 import pwd
+import shlex
 import shutil
 import signal
 import statistics
@@ -719,10 +720,14 @@ def _ceiling(runs: list[dict[str, float]], groups: tuple[str, ...]) -> tuple[flo
     return statistics.median(ceilings), min(ceilings), max(ceilings)
 
 
+# What manages the broker behind RABBITMQ_URL (scripts/rabbitmq4.sh's nodes need their own).
+RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+
+
 def _versions() -> str:
     rabbit = (
         subprocess.run(
-            ["rabbitmqctl", "-q", "version"], capture_output=True, text=True, check=False
+            [*RABBITMQCTL, "-q", "version"], capture_output=True, text=True, check=False
         ).stdout.strip()
         or "?"
     )
@@ -738,11 +743,11 @@ def _versions() -> str:
 def _prepare(amqp_url: str, database_url: str) -> None:
     """Create the benchmark's vhost and database when they are local and missing."""
     vhost = URL(amqp_url).path.lstrip("/")
-    if vhost and shutil.which("rabbitmqctl"):
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
+    if vhost and shutil.which(RABBITMQCTL[0]):
+        subprocess.run([*RABBITMQCTL, "-q", "add_vhost", vhost], capture_output=True, check=False)
         subprocess.run(
             [
-                "rabbitmqctl",
+                *RABBITMQCTL,
                 "-q",
                 "set_permissions",
                 "-p",

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -45,9 +46,14 @@ async def ensure_database(url: str) -> None:
         await admin.close()
 
 
+# What manages the broker behind RABBITMQ_URL: the machine's rabbitmqctl unless RABBITMQCTL says
+# otherwise (a node of scripts/rabbitmq4.sh: "scripts/rabbitmq4.sh ctl -n NAME@localhost").
+RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+
+
 async def _ctl(*args: str) -> int:
     ctl = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
+        *RABBITMQCTL,
         "-q",
         *args,
         stdout=asyncio.subprocess.DEVNULL,
@@ -63,7 +69,7 @@ async def service_accounts(env: dict[str, str]) -> dict[str, dict[str, str]]:
     tag = f"dev-{os.getpid()}"
     accounts: dict[str, dict[str, str]] = {}
     amqp, database = URL(env["RABBITMQ_URL"]), URL(env["DATABASE_URL"])
-    local_broker = shutil.which("rabbitmqctl") and amqp.host in ("127.0.0.1", "localhost")
+    local_broker = shutil.which(RABBITMQCTL[0]) and amqp.host in ("127.0.0.1", "localhost")
     for role in ("producer", "consumer"):
         db_user, db_password = f"orders_{role}_{tag.replace('-', '_')}", secrets.token_hex(16)
         accounts[role] = {

@@ -41,20 +41,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# With RABBITMQ4_ROOT set (.ci/run sets it), nodes are RabbitMQ 4 from scripts/rabbitmq4.sh's
+# Debian 13 root; their directories are under RABBITMQ4_NODES, which means the same path inside
+# the root and out. Unset: the machine's own rabbitmq-server.
+RABBITMQ4 = str(Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq4.sh")
+IN_ROOT = bool(os.environ.get("RABBITMQ4_ROOT"))
+
+
 class RabbitNode:
     """``rabbitmq-server -detached`` as node ``fault<port>@localhost``, in a temporary directory."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="orders-rabbit-"))
+        base = None
+        if IN_ROOT:  # as scripts/rabbitmq4.sh names it
+            base = os.environ.get("RABBITMQ4_NODES") or os.environ["RABBITMQ4_ROOT"] + ".nodes"
+            os.makedirs(base, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="orders-rabbit-", dir=base))
         self.port, self.dist_port = free_port(), free_port()
         self.name = f"fault{self.port}@localhost"
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir()
-        (self.dir / "rabbit.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        if IN_ROOT:  # what RabbitMQ 4.3 will refuse by default, refused already
+            conf += "deprecated_features.permit.transient_nonexcl_queues = false\n"
+            conf += "deprecated_features.permit.global_qos = false\n"
+        (self.dir / "rabbit.conf").write_text(conf)
         (self.dir / "plugins").write_text("[].\n")
-        shutil.chown(self.dir, "rabbitmq", "rabbitmq")
-        for path in self.dir.rglob("*"):
-            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self._own()
         self.env = {
             **os.environ,
             "RABBITMQ_NODENAME": self.name,
@@ -70,18 +83,26 @@ class RabbitNode:
     def url(self, vhost: str, port: int | None = None) -> str:
         return f"amqp://guest:guest@127.0.0.1:{port or self.port}/{vhost}"
 
+    def _own(self) -> None:
+        """The node's files belong to the rabbitmq user (the root's own, chowned as it starts)."""
+        if not IN_ROOT:
+            for path in (self.dir, *self.dir.rglob("*")):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+
     def configure(self, lines: str) -> None:
         """Add ``rabbit.conf`` lines before ``start`` (files they name must be in ``dir``)."""
         with (self.dir / "rabbit.conf").open("a") as conf:
             conf.write(lines)
-        for path in (self.dir, *self.dir.rglob("*")):
-            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self._own()
 
     async def ctl(self, *args: str, timeout: float = 60) -> str:
-        return await run("rabbitmqctl", "-q", "-n", self.name, *args, timeout=timeout)
+        tool = (RABBITMQ4, "ctl") if IN_ROOT else ("rabbitmqctl",)
+        return await run(*tool, "-q", "-n", self.name, *args, timeout=timeout)
 
     async def start(self) -> None:
-        await run("rabbitmq-server", "-detached", env=self.env)
+        await run(
+            *((RABBITMQ4, "server") if IN_ROOT else ("rabbitmq-server", "-detached")), env=self.env
+        )
         deadline = time.monotonic() + 120
         while True:
             try:

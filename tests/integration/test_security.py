@@ -2,7 +2,9 @@
 nothing more. Each test makes its own vhost, users and roles, and removes them afterwards."""
 
 import asyncio
+import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,11 +36,12 @@ ROLES = ("producer", "consumer")
 
 
 def rabbitmqctl(*args: str) -> None:
-    tool = shutil.which("rabbitmqctl")
-    assert tool, (
+    """The broker behind RABBITMQ_URL, managed by RABBITMQCTL (default: the machine's)."""
+    ctl = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+    assert shutil.which(ctl[0]), (
         "rabbitmqctl is needed to make the test's own users (apt-get install rabbitmq-server)"
     )
-    subprocess.run([tool, "-q", *args], check=True, capture_output=True, timeout=60)
+    subprocess.run([*ctl, "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @dataclass

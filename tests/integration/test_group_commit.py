@@ -42,14 +42,14 @@ class Consumer:
             batcher.run = self._recording(batcher.run)
 
     def _recording(self, run: Any) -> Any:
-        async def recorded(items: Sequence[OrderMessage]) -> Any:
+        async def recorded(items: Sequence[Any]) -> Any:
             self.sizes.append(len(items))
             return await run(items)
 
         return recorded
 
     async def attempt(self, message: OrderMessage) -> str:
-        if await self.handler.start(message) is None:
+        if await self.handler.start((message, False)) is None:  # a first publish, or its copy
             return Outcome.DUPLICATE
         return await self.handler.reserve(message)
 
@@ -109,7 +109,7 @@ async def test_an_order_the_database_refuses_fails_alone_in_its_batch(
     handler = consumers[0].handler
     good = [order(("SKU-1", 1)) for _ in range(5)]
     for message in good:
-        await handler.start(message)
+        await handler.start((message, False))
     never_started = order(("SKU-2", 1))  # reserve_order raises: the order row does not exist
     results = await asyncio.gather(
         *(handler.reserve(m) for m in [*good, never_started]), return_exceptions=True

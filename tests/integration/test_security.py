@@ -136,12 +136,13 @@ async def test_each_broker_user_can_do_only_its_part(broker: Broker, database: D
         )
         queue = await channel.get_queue(topology.WORK.name)
         assert "ACCESS_REFUSED" in await refused(queue.consume(_ignore))
-    async with await aio_pika.connect(broker.urls["producer"]) as connection:
-        channel = await connection.channel()
-        dead = await channel.get_exchange(topology.DEAD.name)
-        reply = await refused(dead.publish(aio_pika.Message(b"x"), ""))
-        assert "ACCESS_REFUSED" in reply
-        assert "orders.dead" in reply
+    for exchange in (topology.DEAD.name, topology.RETRY.name):
+        async with await aio_pika.connect(broker.urls["producer"]) as connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange)
+            reply = await refused(target.publish(aio_pika.Message(b"x"), "1s"))
+            assert "ACCESS_REFUSED" in reply
+            assert exchange in reply
     async with await aio_pika.connect(broker.urls["producer"]) as connection:
         channel = await connection.channel()
         assert "ACCESS_REFUSED" in await refused(channel.declare_queue("anything", durable=True))
@@ -164,6 +165,9 @@ async def test_each_broker_user_can_do_only_its_part(broker: Broker, database: D
         channel = await connection.channel()
         dead_letters = await channel.get_queue(topology.DEAD_LETTERS.name)
         assert "ACCESS_REFUSED" in await refused(dead_letters.purge())
+    async with await aio_pika.connect(broker.urls["consumer"]) as connection:
+        channel = await connection.channel()
+        assert "ACCESS_REFUSED" in await refused(channel.declare_queue("anything", durable=True))
 
 
 async def test_a_wrong_password_is_refused(broker: Broker) -> None:

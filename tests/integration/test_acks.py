@@ -14,7 +14,7 @@ from consumer.delivery import Delivery
 
 @pytest.fixture
 async def queue(channel: AbstractChannel) -> Any:
-    queue = await channel.declare_queue("test.acks", durable=False, auto_delete=False)
+    queue = await channel.declare_queue("test.acks", durable=True, auto_delete=False)
     await queue.purge()
     yield queue
     await queue.delete(if_unused=False, if_empty=False)

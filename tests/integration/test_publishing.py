@@ -31,7 +31,7 @@ async def confirmed(rabbitmq_url: str) -> AsyncIterator[AbstractChannel]:
 @pytest.fixture
 async def bound(confirmed: AbstractChannel) -> AsyncIterator[AbstractQueue]:
     exchange = await confirmed.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT)
-    queue = await confirmed.declare_queue("test.publishing", durable=False)
+    queue = await confirmed.declare_queue("test.publishing", durable=True)
     await queue.purge()
     await queue.bind(exchange, "routed")
     yield queue
@@ -77,7 +77,7 @@ async def test_a_nack_is_that_message_s_own_failure(confirmed: AbstractChannel) 
     """A queue full with ``reject-publish`` nacks: the round's other messages stay confirmed."""
     queue = await confirmed.declare_queue(
         "test.publishing.full",
-        durable=False,
+        durable=True,  # RabbitMQ 4.3 refuses transient non-exclusive queues
         arguments={"x-max-length": 2, "x-overflow": "reject-publish"},
     )
     try:

@@ -583,7 +583,10 @@ async def measure(bench: Bench, runs: int, only: set[str] | None = None) -> list
     for run in range(runs):
         for name, phase in phases.items():
             print(f"bench: run {run + 1}/{runs} {name}", file=sys.stderr, flush=True)
-            results[name].append(await phase())
+            try:
+                results[name].append(await phase())
+            finally:  # a phase that fails leaves no service behind to take the next one's rows
+                await bench.stop_all()
     if only:  # no table without every phase: each figure as measured
         return [
             f"{name} {key}: {_fmt(_median(rs, key))}"

@@ -34,7 +34,7 @@ class Outcome(StrEnum):
 # may create its order only when it is a first publish (another AMQP client published it straight
 # to the exchange); one that continues work (``messages.continues``) only finds it. Either way the
 # body must be the stored order's, or the message is not believed and the row is left alone.
-START = """
+START = f"""
     WITH n AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bool[])
                  AS n (id, customer_id, items, priority, fresh)
@@ -50,13 +50,12 @@ START = """
         ON CONFLICT (id) DO UPDATE
             SET status = 'processing', attempts = orders.attempts + 1,
                 next_attempt_at = NULL, updated_at = clock_timestamp()
-            WHERE orders.status NOT IN ({final})
+            WHERE orders.status NOT IN ({db.FINAL_SQL})
         RETURNING id, attempts
     )
     SELECT n.id, s.attempts, k.id IS NOT NULL OR n.fresh AS known, k.same IS NOT false AS same
       FROM n LEFT JOIN known k USING (id) LEFT JOIN started s USING (id)
 """
-START = START.format(final=db.FINAL_SQL)
 
 
 class OrderHandler:
@@ -149,8 +148,8 @@ class OrderHandler:
 def _started(row: asyncpg.Record) -> int | Unrecognised | None:
     if not row["known"]:
         return Unrecognised(
-            f"no order {row['id']}: a retried or replayed message only continues an order the "
-            "database holds"
+            f"no order {row['id']}: a message that continues work (a retry, or one dead-lettered "
+            "before) only continues an order the database holds"
         )
     if not row["same"]:
         return Unrecognised(f"the body is not order {row['id']} as the database holds it")

@@ -50,7 +50,7 @@ sync: $(UV) ## Install the workspace and dev tools into .venv
 test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontainers)
 	$(UV) run pytest
 
-faults: sync ## Every fault scenario at full length against a broker and database of its own; prints the table
+faults: sync ## Every fault scenario at full length on nodes of its own (RabbitMQ 4 with RABBITMQ4_ROOT); prints the table
 	$(UV) run python -m tests.faults
 
 bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 min); prints the table

@@ -13,7 +13,8 @@
 #
 # Nodes in the root use their own epmd (ERL_EPMD_PORT), apart from the host's Erlang 25 one, one
 # scheduler with busy-waiting off (two cores, shared), and no deprecated feature that RabbitMQ 4.3
-# refuses. Node directories live under $RABBITMQ4_NODES, mounted at the same path in the root, so
+# refuses (`server` adds those lines to the node's rabbit.conf). Node directories live under
+# $RABBITMQ4_NODES, mounted at the same path in the root, so
 # a path means the same inside and out.
 set -euo pipefail
 
@@ -50,7 +51,10 @@ in_root() {
 
 server() {
   root >/dev/null
-  local conf=${RABBITMQ_CONFIG_FILE:?set RABBITMQ_CONFIG_FILE}
+  local conf=${RABBITMQ_CONFIG_FILE:?set RABBITMQ_CONFIG_FILE} feature
+  for feature in transient_nonexcl_queues global_qos; do  # refused already, as 4.3 will
+    grep -q "permit.$feature" "$conf" || echo "deprecated_features.permit.$feature = false" >> "$conf"
+  done
   chroot "$ROOT" chown -R rabbitmq:rabbitmq "$(dirname "$conf")"
   RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="${RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS:-} $ERL_ARGS" \
     in_root /usr/lib/rabbitmq/bin/rabbitmq-server -detached
@@ -66,8 +70,6 @@ start() {
   cat > "$dir/rabbit.conf" <<EOF
 listeners.tcp.default = 127.0.0.1:$port
 loopback_users = none
-deprecated_features.permit.transient_nonexcl_queues = false
-deprecated_features.permit.global_qos = false
 EOF
   echo '[].' > "$dir/plugins"
   if ctl -q -n "$name@localhost" status >/dev/null 2>&1; then

@@ -61,11 +61,7 @@ class RabbitNode:
         self.name = f"fault{self.port}@localhost"
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir()
-        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-        if IN_ROOT:  # what RabbitMQ 4.3 will refuse by default, refused already
-            conf += "deprecated_features.permit.transient_nonexcl_queues = false\n"
-            conf += "deprecated_features.permit.global_qos = false\n"
-        (self.dir / "rabbit.conf").write_text(conf)
+        (self.dir / "rabbit.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.dir / "plugins").write_text("[].\n")
         self._own()
         self.env = {

@@ -1,9 +1,13 @@
 """shared/amqp.py on a real broker: ``publish_all`` gives an outcome per message, and only a
 confirm counts as published (the outbox relay forgets a row on nothing else); ``consume`` hands
-over every delivery, in order, without a task each."""
+over every delivery, in order, without a task each on the fast path.
+
+Every test runs twice: on the fast paths of ``shared.aiormq_private``, and on aiormq's public ones,
+which an aiormq that lacks a private name gets."""
 
 import asyncio
 import gc
+import logging
 import threading
 import warnings
 from collections.abc import AsyncIterator
@@ -16,10 +20,20 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from shared import amqp
+from shared import aiormq_private, amqp
 from shared.messages import Outgoing
 
 EXCHANGE = "test.publishing"
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """On "public", this aiormq looks like a newer one that lacks a private name."""
+    monkeypatch.setattr(aiormq_private, "_checked", None)
+    if request.param == "public":
+        needed = (*aiormq_private.NEEDED, "_gone_in_a_newer_aiormq")
+        monkeypatch.setattr(aiormq_private, "NEEDED", needed)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -119,11 +133,11 @@ async def test_a_confirm_rejected_by_a_clean_close_is_in_doubt() -> None:
 
 
 async def test_a_message_without_an_id_keeps_it_absent(
-    confirmed: AbstractChannel, bound: AbstractQueue
+    confirmed: AbstractChannel, bound: AbstractQueue, path: str
 ) -> None:
-    """aiormq's own publish invents a message_id; both of ours keep a missing one missing. Such a
-    message goes without ``mandatory`` (a return could not be matched to it), and the channel's
-    delivery tags stay in step for the messages around it."""
+    """aiormq's own publish invents a message_id; on the fast path both of ours keep a missing one
+    missing. Such a message goes without ``mandatory`` (a return could not be matched to it), and
+    the channel's delivery tags stay in step for the messages around it."""
     anonymous = Outgoing(b"x", spec.Basic.Properties(delivery_mode=2))
     outcomes = await amqp.publish_all(
         confirmed, EXCHANGE, [outgoing(1), anonymous, outgoing(2)], "routed", 10
@@ -135,11 +149,15 @@ async def test_a_message_without_an_id_keeps_it_absent(
     received = []
     while (message := await bound.get(no_ack=True, fail=False)) is not None:
         received.append((message.body, message.message_id))
-    assert received == [(b"1", "1"), (b"x", None), (b"2", "2"), (b"y", None), (b"z", "z")]
+    if path == "public":  # aiormq's basic_publish gives it a random id
+        assert [body for body, _ in received] == [b"1", b"x", b"2", b"y", b"z"]
+        assert None not in [id_ for _, id_ in received]
+    else:
+        assert received == [(b"1", "1"), (b"x", None), (b"2", "2"), (b"y", None), (b"z", "z")]
 
 
 async def test_consume_hands_over_each_delivery_in_order_from_the_channel_s_reader(
-    rabbitmq_url: str, confirmed: AbstractChannel, bound: AbstractQueue
+    rabbitmq_url: str, confirmed: AbstractChannel, bound: AbstractQueue, path: str
 ) -> None:
     assert (
         await amqp.publish_all(confirmed, EXCHANGE, [outgoing(n) for n in range(300)], "routed", 10)
@@ -160,7 +178,8 @@ async def test_consume_hands_over_each_delivery_in_order_from_the_channel_s_read
             while len(received) < 300:
                 await asyncio.sleep(0.01)
         assert [m.body for m in received] == [b"%d" % n for n in range(300)]
-        assert len(readers) == 1  # one task read them all: none was made per delivery
+        # The fast path: one task read them all, none was made per delivery.
+        assert len(readers) == (1 if path == "fast" else 300)
         assert (await bound.declare()).message_count == 0  # all 300 held unacked
         last = received[-1].delivery
         assert isinstance(last, spec.Basic.Deliver)
@@ -220,3 +239,52 @@ async def test_a_failed_handshake_leaves_no_connection_for_the_collector_to_clos
         server.close()
         await server.wait_closed()
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+async def test_an_aiormq_without_a_private_name_is_said_once_and_the_public_paths_taken(
+    confirmed: AbstractChannel, bound: AbstractQueue, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="shared.aiormq_private"):
+        for n in range(3):
+            outcome = await amqp.publish_all(confirmed, EXCHANGE, [outgoing(n)], "routed", 10)
+            assert outcome == [None]
+    warned = [r.getMessage() for r in caplog.records if r.name == "shared.aiormq_private"]
+    if path == "public":
+        assert len(warned) == 1
+        assert "lacks _gone_in_a_newer_aiormq" in warned[0]
+        assert "aiormq's public paths" in warned[0]
+    else:
+        assert warned == []
+
+
+async def test_a_round_that_never_reaches_the_socket_gives_its_delivery_tags_back(
+    confirmed: AbstractChannel, bound: AbstractQueue, path: str
+) -> None:
+    """Ported from aiormq 7.2.4's ``basic_publish``: a write cancelled while the connection's
+    frame queue is full (a slow socket) undoes its bookkeeping, or every later confirm of the
+    channel would settle the wrong message."""
+    underlay = await confirmed.get_underlay_channel()
+    assert await amqp.publish_all(confirmed, EXCHANGE, [outgoing(0)], "routed", 10) == [None]
+    tag = underlay.delivery_tag
+    frames = underlay.write_queue
+    full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+    full.put_nowait(None)
+    underlay.write_queue = full
+    try:
+        round_ = asyncio.create_task(
+            amqp.publish_all(confirmed, EXCHANGE, [outgoing(n) for n in range(5)], "routed", 10)
+        )
+        await asyncio.sleep(0.05)
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+    finally:
+        underlay.write_queue = frames
+    assert underlay.delivery_tag == tag
+    assert underlay.confirmations == {}
+    assert not underlay.message_id_delivery_tag
+    assert (
+        await amqp.publish_all(confirmed, EXCHANGE, [outgoing(n) for n in range(3)], "routed", 10)
+        == [None] * 3
+    )
+    assert (await bound.declare()).message_count == 4

@@ -133,7 +133,12 @@ class Worker:
                         await publisher.get_exchange(handler.lane.retry.name, ensure=False),
                         await publisher.get_exchange(handler.lane.dead.name, ensure=False),
                     )
-                    lane.tag = await amqp.consume(channel, handler.lane.work.name, _receiver(lane))
+                    lane.tag = await amqp.consume(
+                        channel,
+                        handler.lane.work.name,
+                        _receiver(lane),
+                        self.settings.amqp_fast_path,
+                    )
                     lanes.append(lane)
             log.info(
                 "consuming %s from %s",
@@ -278,6 +283,7 @@ class Worker:
                 messages.forward(message, headers),
                 routing_key,
                 self.settings.publish_timeout,
+                self.settings.amqp_fast_path,
             )
         except Exception:
             log.exception(

@@ -170,6 +170,7 @@ class Relay:
                 [source.encode(row) for row in rows],
                 source.lane.routing_key,
                 self._settings.publish_timeout,
+                self._settings.amqp_fast_path,
             )
             self._metrics.confirm_seconds.observe(time.perf_counter() - started)
             confirmed = [

@@ -3,19 +3,16 @@
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
-from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 from yarl import URL
 
+from shared import aiormq_private
 from shared.messages import Outgoing
 
 CONNECT_TIMEOUT = 10.0
@@ -49,51 +46,58 @@ async def confirmed_channel(connection: AbstractConnection) -> AbstractChannel:
 
 
 async def consume(
-    channel: AbstractChannel, queue: str, receive: Callable[[DeliveredMessage], None]
+    channel: AbstractChannel,
+    queue: str,
+    receive: Callable[[DeliveredMessage], None],
+    fast: bool = True,
 ) -> str:
-    """Consume ``queue`` with manual acks, calling ``receive`` with each delivery as it is read.
+    """Consume ``queue`` with manual acks, calling ``receive`` with each delivery, in order.
 
-    aiormq runs a consumer's callback in a task of its own per delivery (the task and its done
-    callback were 12% of a consumer's CPU, docs/performance-history.md). ``receive`` is called from
-    the channel's reader instead, in delivery order, so it must not block; an exception from it is
-    logged and closes the channel, which gives its unacked deliveries back to the queue (one
-    consumer per channel: every delivery of the channel goes to ``receive``). The frames are read
-    with aiormq's own methods, as its ``_on_deliver_frame`` reads them
-    (tests/integration/test_publishing.py). Returns the consumer tag.
+    ``receive`` must not block; an exception from it is logged and closes the channel, which gives
+    its unacked deliveries back to the queue (one consumer per channel). With ``fast`` (and an
+    aiormq that ``aiormq_private`` knows) ``receive`` is called from the channel's reader, without
+    the task per delivery aiormq's ``basic_consume`` makes. Returns the consumer tag.
     """
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-    read_header = underlay._Channel__get_content_header  # type: ignore[attr-defined]
     closing: asyncio.Future[None] | None = None
 
-    async def on_deliver(frame: spec.Basic.Deliver) -> None:
+    def failed(exc: Exception) -> None:
         nonlocal closing
-        delivered = await underlay._read_content(frame, await read_header())
+        log.error("could not take a delivery from %s; closing its channel", queue, exc_info=exc)
+        if closing is None:  # from a task of its own: the reader reads the broker's reply
+            closing = asyncio.ensure_future(underlay.close(exc))
+
+    async def on_message(delivered: DeliveredMessage) -> None:
         try:
             receive(delivered)
         except Exception as exc:
-            log.exception("could not take a delivery from %s; closing its channel", queue)
-            if closing is None:  # from a task of its own: the reader reads the broker's reply
-                closing = asyncio.ensure_future(underlay.close(exc))
+            failed(exc)
 
-    underlay._on_deliver_frame = on_deliver  # type: ignore[method-assign]
-    # Registered as well, for aiormq's consumer bookkeeping (cancel, close); it would take a
-    # plain function too, wrapped in a coroutine.
-    consuming = await underlay.basic_consume(queue, receive)  # type: ignore[arg-type]
+    if fast and aiormq_private.usable(underlay):
+        aiormq_private.read_in_reader(underlay, receive, failed)
+    # On the fast path registered for aiormq's consumer bookkeeping (cancel, close) only.
+    consuming = await underlay.basic_consume(queue, on_message)
     assert consuming.consumer_tag is not None
     return consuming.consumer_tag
 
 
 async def publish(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, confirm_within: float
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    confirm_within: float,
+    fast: bool = True,
 ) -> None:
     """Publish and wait for the confirm. A timeout means *in doubt*: it may still arrive.
 
-    A message without ``message_id`` keeps it absent (aiormq's ``basic_publish`` would invent one):
-    it goes through ``publish_all``, without ``mandatory``."""
+    A message without ``message_id`` goes through ``publish_all``, without ``mandatory``; on the
+    fast path its id stays absent (aiormq's public ``basic_publish`` invents one)."""
     if message.message_id is None:
         channel = cast(aio_pika.Exchange, exchange).channel
         outgoing = Outgoing(message.body, message.properties)
-        [error] = await publish_all(channel, exchange.name, [outgoing], routing_key, confirm_within)
+        [error] = await publish_all(
+            channel, exchange.name, [outgoing], routing_key, confirm_within, fast
+        )
         if error is not None:
             raise error
         return
@@ -106,6 +110,7 @@ async def publish_all(
     messages: Sequence[Outgoing],
     routing_key: str,
     confirm_within: float,
+    fast: bool = True,
 ) -> list[BaseException | None]:
     """Publish ``messages`` at once and wait up to ``confirm_within`` for all their confirms.
 
@@ -116,46 +121,35 @@ async def publish_all(
     the worker sends such messages (poison, to a lane's fanout dead-letter exchange, which routes
     to its queue whatever the key).
 
-    The outbox relay's hot path: the whole round goes to the socket as one write, where aiormq's
-    ``basic_publish`` takes the channel's lock, a task and a socket write per message: the relay's
-    CPU per order halves and the broker's falls by a quarter (docs/performance-history.md). The
-    confirm bookkeeping is aiormq's own: each message's delivery tag, confirm future and message id
-    are registered as ``basic_publish`` registers them, so acks, nacks, returns and a closing
-    channel settle these futures as they would its (tests/integration/test_publishing.py).
+    The outbox relay's hot path. With ``fast`` the round is one socket write
+    (``aiormq_private.write_all``), else one aiormq ``basic_publish`` per message, in order.
     """
     if not messages:
         return []
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-    confirms: list[asyncio.Future[Any]] = []
-    frames: list[Any] = []
-    async with underlay.lock:  # delivery tags in the order the broker sees the messages
-        for message in messages:
-            underlay.delivery_tag += 1
-            tag = underlay.delivery_tag
-            confirm = underlay.create_future()
-            underlay.confirmations[tag] = confirm
-            if message_id := message.properties.message_id:
-                underlay.message_id_delivery_tag[message_id] = tag
-                confirm.add_done_callback(partial(_forget, underlay, message_id, tag))
-            confirms.append(confirm)
-            mandatory = bool(message_id)
-            frames += (
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
-                ContentHeader(properties=message.properties, body_size=len(message.body)),
-                *_split(message.body, underlay.max_content_size),
+    if fast and aiormq_private.usable(underlay):
+        confirms = await aiormq_private.write_all(underlay, exchange, messages, routing_key)
+        _, unconfirmed = await asyncio.wait(confirms, timeout=confirm_within)
+    else:
+        confirms = [
+            asyncio.ensure_future(
+                underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=message.properties,
+                    mandatory=bool(message.properties.message_id),
+                )
             )
-        await underlay.write_queue.put(ChannelFrame.marshall(underlay.number, frames))
-    _, unconfirmed = await asyncio.wait(confirms, timeout=confirm_within)
+            for message in messages
+        ]
+        try:
+            _, unconfirmed = await asyncio.wait(confirms, timeout=confirm_within)
+        finally:  # as basic_publish's own timeout would, which undoes what was never written
+            for task in confirms:
+                task.cancel()
+            await asyncio.wait(confirms)
     return [_outcome(confirm, confirm in unconfirmed, confirm_within) for confirm in confirms]
-
-
-def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: "asyncio.Future[Any]") -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
-
-
-def _split(body: bytes, size: int) -> list[ContentBody]:
-    return [ContentBody(body[i : i + size]) for i in range(0, len(body), size)]
 
 
 def _outcome(
@@ -167,7 +161,8 @@ def _outcome(
     if error is None or isinstance(error, DeliveryError | PublishError | ConnectionError):
         return error  # confirmed, nacked, returned, or the connection lost
     # aiormq closing the channel rejects what is pending with the close's reason: a
-    # CancelledError, or a bare ``Exception()`` when the connection was closed cleanly.
+    # CancelledError, a ChannelClosed, or a bare ``Exception()`` when the connection was closed
+    # cleanly.
     return ConnectionError(f"channel closed before the confirm: {error!r}")
 
 

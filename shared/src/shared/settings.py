@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     startup_timeout: float = Field(60.0, gt=0, description="seconds to wait for the database")
     publish_timeout: float = Field(10.0, gt=0, description="seconds to wait for a confirm")
+    amqp_fast_path: bool = Field(
+        True, description="the relay's and consumers' hot paths in shared/aiormq_private.py"
+    )
     crawl_allowed_private_hosts: str = Field(
         "", description="comma-separated hosts crawls may reach on non-public addresses"
     )

@@ -495,10 +495,7 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
 
 async def _settled(bench: Bench) -> bool:
     return (
-        await bench.count(
-            "SELECT count(*) FROM orders WHERE status NOT IN ('completed', 'rejected', 'failed')"
-        )
-        == 0
+        await bench.count(f"SELECT count(*) FROM orders WHERE status NOT IN ({db.FINAL_SQL})") == 0
     )
 
 

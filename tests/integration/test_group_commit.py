@@ -110,7 +110,7 @@ async def test_an_order_the_database_refuses_fails_alone_in_its_batch(
     good = [order(("SKU-1", 1)) for _ in range(5)]
     for message in good:
         await handler.start((message, False))
-    never_started = order(("SKU-2", 1))  # reserve_order raises: the order row does not exist
+    never_started = order(("SKU-2", 1))  # a batch of one raises: no such order row
     results = await asyncio.gather(
         *(handler.reserve(m) for m in [*good, never_started]), return_exceptions=True
     )

@@ -118,10 +118,10 @@ class OrderHandler:
     async def _reserve(self, orders: Sequence[OrderMessage]) -> list[Outcome]:
         """Reserve every line of each order or none, and mark it final, in one transaction.
 
-        ``reserve_order`` (shared/db.py) locks the order's row and its stock rows, and either
-        reserves everything and marks the order completed, or marks it rejected with the lines
-        that are short. An order already final is left alone: that is what makes a redelivery
-        harmless. ``reserve_orders`` takes every lock of the batch first, in key order.
+        ``reserve_orders`` (shared/db.py) takes every lock of the batch first, in key order; each
+        order then either reserves everything and is marked completed, or is marked rejected with
+        the lines that are short. An order already final is left alone: that is what makes a
+        redelivery harmless.
         """
         ids: list[UUID] = []
         skus: list[str] = []

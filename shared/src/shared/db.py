@@ -102,49 +102,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     "ALTER TABLE orders ADD COLUMN processed_by text",
-    # The consumer's reservation (consumer/orders.py) in one round trip instead of seven.
-    """
-    CREATE FUNCTION reserve_order(p_order uuid, p_skus text[], p_quantities int[], p_by text)
-    RETURNS text LANGUAGE plpgsql AS $$
-    DECLARE
-        current text;
-        short text;
-    BEGIN
-        SELECT status INTO current FROM orders WHERE id = p_order FOR UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'order % does not exist', p_order;
-        ELSIF current IN ('completed', 'rejected', 'failed') THEN
-            RETURN 'duplicate';
-        END IF;
-        -- Row locks in SKU order (the caller sorts): concurrent orders never deadlock.
-        PERFORM 1 FROM inventory WHERE sku = ANY (p_skus) ORDER BY sku FOR UPDATE;
-        SELECT string_agg(
-                   l.sku || CASE WHEN i.sku IS NULL THEN ' (unknown SKU)'
-                            ELSE format(' (requested %s, available %s)', l.quantity, i.available)
-                            END,
-                   ', ' ORDER BY l.sku)
-          INTO short
-          FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
-          LEFT JOIN inventory i ON i.sku = l.sku
-         WHERE i.sku IS NULL OR i.available < l.quantity;
-        IF short IS NOT NULL THEN
-            UPDATE orders SET status = 'rejected', reason = 'insufficient stock: ' || short,
-                              processed_by = p_by, updated_at = clock_timestamp()
-             WHERE id = p_order;
-            RETURN 'rejected';
-        END IF;
-        UPDATE inventory i SET available = i.available - l.quantity, updated_at = clock_timestamp()
-          FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
-         WHERE i.sku = l.sku;
-        INSERT INTO reservations (order_id, sku, quantity)
-        SELECT p_order, l.sku, l.quantity FROM unnest(p_skus, p_quantities) AS l (sku, quantity);
-        UPDATE orders SET status = 'completed', reason = NULL, processed_by = p_by,
-                          completed_at = clock_timestamp(), updated_at = clock_timestamp()
-         WHERE id = p_order;
-        RETURN 'completed';
-    END
-    $$
-    """,
+    # Was ``reserve_order``, one order's reservation: the batch's rule since migration 8.
+    "SELECT 1",
     # For the dashboard: recent completions and the latest failures without a scan.
     """
     CREATE INDEX orders_completed_at ON orders (completed_at) WHERE completed_at IS NOT NULL;
@@ -195,30 +154,59 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX crawl_pages_unpublished ON crawl_pages (seq) WHERE unpublished;
     CREATE INDEX crawl_pages_open ON crawl_pages (crawl_id) WHERE status IN ('queued', 'fetching');
     """,
-    # Group commit (shared/batch.py): many orders' reservations in one transaction. Every
-    # lock is taken up front, the orders' rows then the stock rows, each in key order, so two
-    # batches never deadlock. When every order is still open and the stock covers the whole
-    # batch (the usual case), all of them complete in three set-based statements: the outcome
-    # ``reserve_order`` would give each in turn. Otherwise each order runs ``reserve_order`` in
-    # batch order. The lines come flattened: ``p_orders[i]`` wants ``p_quantities[i]`` of
-    # ``p_skus[i]``, one line per order and SKU.
-    """
-    CREATE FUNCTION reserve_orders(p_orders uuid[], p_skus text[], p_quantities int[], p_by text)
+    # Was ``reserve_orders`` calling ``reserve_order``: migration 8 has the one rule.
+    "SELECT 1",
+    # What adds rows to publish wakes the relays (in any process) at its commit, one
+    # notification per transaction: 'orders' from the outbox, 'crawls' from crawl pages.
+    f"""
+    CREATE FUNCTION notify_relay() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{OUTBOX_CHANNEL}', TG_ARGV[0]);
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER notify_relay AFTER INSERT ON outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('orders');
+    CREATE TRIGGER notify_relay AFTER INSERT ON crawl_pages
+        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('crawls');
+    """,
+    # The reservation rule, once (consumer/orders.py): each order reserves every line or none and
+    # becomes final in the transaction. Every lock is taken up front, the orders' rows then the
+    # stock rows, each in key order, so two batches never deadlock. When every order is still
+    # open and the stock covers the whole batch (the usual case), all of them complete in three
+    # set-based statements. Otherwise each order is a batch of one, in batch order: completed,
+    # ``duplicate`` if already final (a redelivery), or rejected with the lines that are short.
+    # The lines come flattened: ``p_orders[i]`` wants ``p_quantities[i]`` of ``p_skus[i]``, one
+    # line per order and SKU.
+    f"""
+    CREATE OR REPLACE FUNCTION
+        reserve_orders(p_orders uuid[], p_skus text[], p_quantities int[], p_by text)
     RETURNS TABLE (reserved uuid, outcome text) LANGUAGE plpgsql
     -- Every statement here looks rows up by key. A plan cached while ``orders`` was small (a
     -- new database, statistics not gathered yet) would scan the whole table on every call.
     SET enable_seqscan = off AS $$
+    DECLARE
+        one uuid;
+        current text;
+        short text;
     BEGIN
         PERFORM 1 FROM orders WHERE id = ANY (p_orders) ORDER BY id FOR UPDATE;
         PERFORM 1 FROM inventory WHERE sku = ANY (p_skus) ORDER BY sku FOR UPDATE;
-        IF (SELECT count(*) FROM orders WHERE id = ANY (p_orders)
-                AND status NOT IN ('completed', 'rejected', 'failed'))
-           = (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o)
-           AND NOT EXISTS (
-               SELECT 1 FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
-               LEFT JOIN inventory i ON i.sku = l.sku
-               GROUP BY l.sku, i.sku, i.available
-               HAVING i.sku IS NULL OR i.available < sum(l.quantity))
+        SELECT string_agg(
+                   s.sku || CASE WHEN s.available IS NULL THEN ' (unknown SKU)'
+                            ELSE format(' (requested %s, available %s)', s.wanted, s.available)
+                            END,
+                   ', ' ORDER BY s.sku)
+          INTO short
+          FROM (SELECT l.sku, sum(l.quantity) AS wanted, i.available
+                  FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
+                  LEFT JOIN inventory i ON i.sku = l.sku
+                 GROUP BY l.sku, i.available) s
+         WHERE s.available IS NULL OR s.available < s.wanted;
+        IF short IS NULL
+           AND (SELECT count(*) FROM orders WHERE id = ANY (p_orders)
+                   AND status NOT IN ({FINAL_SQL}))
+               = (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o)
         THEN
             UPDATE inventory i SET available = i.available - d.wanted,
                                    updated_at = clock_timestamp()
@@ -234,30 +222,35 @@ MIGRATIONS: tuple[str, ...] = (
             RETURNING id, 'completed'::text;
             RETURN;
         END IF;
-        FOR reserved IN SELECT DISTINCT unnest(p_orders) LOOP
-            SELECT reserve_order(reserved, array_agg(l.sku ORDER BY l.sku),
-                                 array_agg(l.quantity ORDER BY l.sku), p_by)
-              INTO outcome
-              FROM unnest(p_orders, p_skus, p_quantities) AS l (id, sku, quantity)
-             WHERE l.id = reserved;
-            RETURN NEXT;
-        END LOOP;
-    END
-    $$
-    """,
-    # What adds rows to publish wakes the relays (in any process) at its commit, one
-    # notification per transaction: 'orders' from the outbox, 'crawls' from crawl pages.
-    f"""
-    CREATE FUNCTION notify_relay() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_notify('{OUTBOX_CHANNEL}', TG_ARGV[0]);
-        RETURN NULL;
+        IF (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o) > 1 THEN
+            FOR one IN SELECT t.o FROM unnest(p_orders) WITH ORDINALITY AS t (o, n)
+                        GROUP BY t.o ORDER BY min(t.n) LOOP
+                RETURN QUERY
+                SELECT r.reserved, r.outcome
+                  FROM (SELECT array_agg(l.sku ORDER BY l.sku) AS skus,
+                               array_agg(l.quantity ORDER BY l.sku) AS quantities
+                          FROM unnest(p_orders, p_skus, p_quantities) AS l (id, sku, quantity)
+                         WHERE l.id = one) a,
+                       reserve_orders(ARRAY[one], a.skus, a.quantities, p_by) r;
+            END LOOP;
+            RETURN;
+        END IF;
+        reserved := p_orders[1];
+        SELECT status INTO current FROM orders WHERE id = reserved;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'order % does not exist', reserved;
+        ELSIF current IN ({FINAL_SQL}) THEN
+            outcome := 'duplicate';
+        ELSE
+            UPDATE orders SET status = 'rejected', reason = 'insufficient stock: ' || short,
+                              processed_by = p_by, updated_at = clock_timestamp()
+             WHERE id = reserved;
+            outcome := 'rejected';
+        END IF;
+        RETURN NEXT;
     END
     $$;
-    CREATE TRIGGER notify_relay AFTER INSERT ON outbox
-        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('orders');
-    CREATE TRIGGER notify_relay AFTER INSERT ON crawl_pages
-        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('crawls');
+    DROP FUNCTION IF EXISTS reserve_order(uuid, text[], int[], text);
     """,
 )
 
@@ -282,7 +275,6 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT, UPDATE ON crawls",
         "SELECT, INSERT, UPDATE ON crawl_pages",
         "USAGE ON SEQUENCE crawl_pages_seq_seq, crawl_visits",
-        "EXECUTE ON FUNCTION reserve_order(uuid, text[], int[], text)",
         "EXECUTE ON FUNCTION reserve_orders(uuid[], text[], int[], text)",
         "SELECT ON schema_version",
     ),

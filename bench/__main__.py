@@ -35,7 +35,7 @@ from yarl import URL
 
 from bench import baselines, load
 from shared import db, messages, topology
-from tests.integration.processes import Producer, Relay, Service, free_port
+from testbed.processes import Producer, Relay, Service, free_port
 
 SKUS = 100
 _CORES = os.cpu_count() or 1

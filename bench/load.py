@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.integration.processes import API_KEY
+from testbed.processes import API_KEY
 
 LUA = Path(__file__).with_name("submit.lua")
 

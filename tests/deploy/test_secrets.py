@@ -30,7 +30,7 @@ SECRETS = {
 }
 # Where a match is not a secret, and why.
 ALLOWED = {
-    "tests/integration/processes.py": "the test producers' key, for tests only",
+    "testbed/processes.py": "the test producers' key, for tests only",
     "tests/deploy/test_secrets.py": "the samples the scan must find",
 }
 # The local-development broker's default account used as a credential (in a URL, as a user

@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import math
 import random
-import re
 import signal
 import time
 import uuid
@@ -25,8 +24,8 @@ import httpx
 
 from shared import setup, topology
 from shared.settings import SetupSettings
+from testbed.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
 from tests.faults.nodes import PostgresNode, RabbitNode
-from tests.integration.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"
@@ -184,7 +183,7 @@ class Stack:
         for i in range(self.count):
             self.consumers.append(self._consumer(i))
         for consumer in self.consumers:
-            await consumer.wait_for_log("consuming orders.work")
+            await consumer.wait_for_event("consuming", queues="orders.work")
         async with httpx.AsyncClient(base_url=self.base_url, headers=AUTH) as client:
             await _until(lambda: _ready(client), 60)
             await client.put(f"/inventory/{SKU}", json={"available": STOCK})
@@ -203,7 +202,7 @@ class Stack:
     async def start_relay(self) -> None:
         self.starts += 1
         self.relay = Relay(f"fault-{self.name}-relay-{next(self.generation)}", self.env())
-        await self.relay.wait_for_log("outbox relay connected", 60)
+        await self.relay.wait_for_event("relay_connected", 60)
 
     async def kill_relay(self) -> None:
         assert self.relay is not None
@@ -218,7 +217,7 @@ class Stack:
         code = await old.wait(60)
         self.retired.append(old)
         self.consumers[i] = self._consumer(i)
-        await self.consumers[i].wait_for_log("consuming orders.work", 120)
+        await self.consumers[i].wait_for_event("consuming", 120, queues="orders.work")
         return code
 
     async def kill_producer(self) -> None:
@@ -232,8 +231,9 @@ class Stack:
 
     def reconnects(self) -> int:
         """Broker sessions opened beyond each process's first."""
-        pattern = re.compile(r"outbox relay connected|consuming orders\.work")
-        return sum(max(len(pattern.findall(s.log())) - 1, 0) for s in self.services())
+        return sum(
+            max(len(s.events("relay_connected", "consuming")) - 1, 0) for s in self.services()
+        )
 
     async def stop(self) -> None:
         for service in self.services():
@@ -428,9 +428,7 @@ async def run_scenario(
         await load_task
         watch.cancel()
         drained = await _drain(stack, load, t.drain)
-        stalled = sum(
-            len(re.findall(r"round failed|could not move", s.log())) for s in stack.services()
-        )
+        stalled = sum(len(s.events("relay_round_failed", "move_failed")) for s in stack.services())
         counts = await _check(stack, load)
         return Result(
             scenario=scenario.name,

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.processes import free_port
+from testbed.processes import free_port
 
 
 async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:

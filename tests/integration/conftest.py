@@ -17,7 +17,7 @@ from producer import outbox
 from producer.app import create_app
 from shared import db, topology
 from shared.settings import ConsumerSettings, ProducerSettings
-from tests.integration.processes import API_KEY, AUTH, Producer, Relay, Service
+from testbed.processes import API_KEY, AUTH, Producer, Relay, Service
 from tests.integration.proxy import Proxy
 
 TABLES = "reservations, outbox, orders, inventory, crawl_pages, crawls"

@@ -4,8 +4,8 @@ import httpx
 import pytest
 
 from producer.auth import parse_keys
+from testbed.processes import API_KEY
 from tests.integration.conftest import ApiFactory
-from tests.integration.processes import API_KEY
 
 ORDER = {"customer_id": "c", "items": [{"sku": "PEN-1", "quantity": 1}]}
 PROTECTED = [

@@ -11,8 +11,8 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel
 
+from testbed.processes import API_KEY
 from tests.integration.conftest import WorkerFactory, settled, wait_until
-from tests.integration.processes import API_KEY
 
 
 def orders(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -211,7 +211,7 @@ async def test_crawl_survives_consumers_killed_mid_crawl(
     await producer.wait_healthy()
     first = [spawn("consumer", f"consumer-crawl-{i}", **env) for i in range(2)]
     for consumer in first:
-        await consumer.wait_for_log("consuming")
+        await consumer.wait_for_event("consuming")
     async with producer.client() as api:
         crawl_id = await start_crawl(api, site.root, max_depth=3, max_pages=10_000)
         await wait_until(lambda: _fetched_at_least(api, crawl_id, 15), 30, "15 pages")

@@ -9,8 +9,8 @@ import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 
+from testbed.processes import ARTIFACTS
 from tests.integration.conftest import settled, wait_until
-from tests.integration.processes import ARTIFACTS
 
 
 def browser() -> webdriver.Chrome:

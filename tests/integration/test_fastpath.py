@@ -15,8 +15,8 @@ import pytest
 from producer.api import OrderView
 from producer.auth import require_key
 from producer.fastpath import SubmitFastPath
+from testbed.processes import AUTH
 from tests.integration.conftest import ApiFactory
-from tests.integration.processes import AUTH
 
 GOOD: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "BOOK-1", "quantity": 2}]}
 

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.__main__ import healthy
+from testbed.processes import free_port
 from tests.integration.conftest import (
     ProxyFactory,
     WorkerFactory,
@@ -22,7 +23,6 @@ from tests.integration.conftest import (
     submit,
     wait_until,
 )
-from tests.integration.processes import free_port
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import schemathesis
 
-from tests.integration.processes import API_KEY, ARTIFACTS, Producer, Service
+from testbed.processes import API_KEY, ARTIFACTS, Producer, Service
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 

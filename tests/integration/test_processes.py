@@ -31,7 +31,7 @@ async def test_consumer_killed_mid_work_the_order_completes_exactly_once(
     producer = spawn("producer", "producer-kill", DEMO_CATALOGUE="true")
     await producer.wait_healthy()
     slow = spawn("consumer", "consumer-killed", ORDER_WORK_MS="30000")
-    await slow.wait_for_log("consuming")
+    await slow.wait_for_event("consuming")
     async with producer.client() as client:
         order_id = await _post(client, "MUG-1", 7)
         await wait_until(lambda: _status_is(conn, [order_id], "processing"), 20, "processing")
@@ -54,7 +54,7 @@ async def test_sigterm_finishes_and_acks_in_flight_orders_then_exits(
     consumer = spawn(
         "consumer", "consumer-term", ORDER_WORK_MS="2000", PREFETCH="4", CONCURRENCY="4"
     )
-    await consumer.wait_for_log("consuming")
+    await consumer.wait_for_event("consuming")
     async with producer.client() as client:
         in_flight = [await _post(client, "PEN-1", 1) for _ in range(4)]
         await wait_until(lambda: _status_is(conn, in_flight, "processing"), 20, "4 in flight")
@@ -125,8 +125,8 @@ async def test_a_relay_of_its_own_killed_mid_stream_loses_no_order(
     relay = spawn("relay", "relay-killed", RELAY_INTERVAL="60")
     consumer = spawn("consumer", "consumer-apart", ORDER_WORK_MS="0")
     await producer.wait_healthy()
-    await relay.wait_for_log("outbox relay connected")
-    await consumer.wait_for_log("consuming")
+    await relay.wait_for_event("relay_connected")
+    await consumer.wait_for_event("consuming")
     async with producer.client() as client:
         ids = [await _post(client, "PEN-1", 1)]
         await settled(conn, ids, timeout=20)  # woken by the outbox's NOTIFY: no sweep for 60 s

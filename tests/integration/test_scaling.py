@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from testbed.processes import API_KEY, ARTIFACTS, AUTH, free_port
 from tests.integration.conftest import settled, wait_until
-from tests.integration.processes import API_KEY, ARTIFACTS, AUTH, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,10 +26,10 @@ from consumer.worker import serve
 from producer.app import create_app
 from shared import setup, topology
 from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings
+from testbed.processes import API_KEY, AUTH
 from tests.deploy.test_secrets import load_make_secrets
 from tests.faults.nodes import RabbitNode
 from tests.integration.conftest import consuming, set_stock, settled, submit, wait_until
-from tests.integration.processes import API_KEY, AUTH
 from tests.integration.site import tree
 
 ROLES = ("producer", "consumer")
@@ -288,7 +288,7 @@ async def test_services_read_secrets_from_files_and_never_log_them(
     )
     await producer.wait_healthy()
     consumer = spawn("consumer", "consumer-secrets", **env("consumer"), ORDER_WORK_MS="0")
-    await consumer.wait_for_log("consuming")
+    await consumer.wait_for_event("consuming")
     async with httpx.AsyncClient(base_url=producer.base_url) as api:
         assert (
             await api.post("/orders", json={}, headers={"X-API-Key": "nope"})

@@ -140,10 +140,12 @@ class Worker:
                         self.settings.amqp_fast_path,
                     )
                     lanes.append(lane)
+            queues = [ln.handler.lane.work.name for ln in lanes]
             log.info(
                 "consuming %s from %s",
-                ", ".join(ln.handler.lane.work.name for ln in lanes),
+                ", ".join(queues),
                 amqp.redact(url),
+                extra=logs.event("consuming", queues=queues),
             )
             runners = [
                 asyncio.create_task(self._runner(lane))
@@ -287,7 +289,10 @@ class Worker:
             )
         except Exception:
             log.exception(
-                "could not move message %s to %s; requeueing it", message.message_id, exchange.name
+                "could not move message %s to %s; requeueing it",
+                message.message_id,
+                exchange.name,
+                extra=logs.event("move_failed", exchange=exchange.name),
             )
             await asyncio.sleep(1)  # no hot loop while the broker is in trouble
             await lane.acks.requeue(message)

@@ -34,7 +34,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from producer.metrics import Metrics
-from shared import amqp, db, topology
+from shared import amqp, db, logs, topology
 from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
 from shared.metrics import serving_metrics
 from shared.settings import ProducerSettings
@@ -189,7 +189,11 @@ class Relay:
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self._next_sweep = 0.0  # sweep at once: rows may have been left while disconnected
             self.connected = True
-            log.info("outbox relay connected to %s", amqp.redact(self._settings.rabbitmq_url))
+            log.info(
+                "outbox relay connected to %s",
+                amqp.redact(self._settings.rabbitmq_url),
+                extra=logs.event("relay_connected"),
+            )
             try:
                 # Each publisher claims its own rows (SKIP LOCKED) in its own transaction: one
                 # publishes while another waits for its confirms, commits or claims.
@@ -227,7 +231,12 @@ class Relay:
                     raise
                 failures += 1
                 backoff = min(interval * 2**failures, 10.0)
-                log.warning("outbox relay: round failed (%r); next in %.1fs", exc, backoff)
+                log.warning(
+                    "outbox relay: round failed (%r); next in %.1fs",
+                    exc,
+                    backoff,
+                    extra=logs.event("relay_round_failed", error=type(exc).__name__),
+                )
                 # New orders do not cut this short: the rows in doubt would only be
                 # published again, piling up copies while the broker is blocked.
                 await self._sleep(backoff, lost, self._stopping)

@@ -1,4 +1,7 @@
-"""The services as real processes (``python -m producer``, ``python -m consumer``)."""
+"""The services as real processes (``python -m producer``, ``python -m consumer``).
+
+What a process did is read from its JSON log lines' ``event`` field (shared/logs.py), never from
+the wording of a message."""
 
 import asyncio
 import os
@@ -11,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 API_KEY = "test-api-key"  # the key every test producer accepts (not a secret: tests only)
 AUTH = {"X-API-Key": API_KEY}
 
@@ -35,7 +39,7 @@ class Service:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "LOG_FORMAT": "json", **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -43,13 +47,27 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+    def events(self, *names: str) -> list[dict[str, Any]]:
+        """The JSON log lines whose ``event`` is one of ``names``, in order."""
+        lines = (line for line in self.log().splitlines() if line.startswith("{"))
+        return [e for e in map(orjson.loads, lines) if e.get("event") in names]
+
+    async def wait_for_event(self, name: str, timeout: float = 30, **facts: Any) -> None:
+        """Until a line with ``event`` ``name`` whose fields hold ``facts`` (a value, or a list
+        that contains it)."""
+
+        def holds(line: dict[str, Any]) -> bool:
+            return all(
+                value == line.get(key) or value in (line.get(key) or ())
+                for key, value in facts.items()
+            )
+
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while not any(holds(line) for line in self.events(name)):
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited early:\n{self.log()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()}")
+                raise AssertionError(f"{self.name} never logged {name} {facts}:\n{self.log()}")
             await asyncio.sleep(0.1)
 
     def signal(self, sig: signal.Signals) -> None:

@@ -20,6 +20,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -102,18 +103,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after any broker trouble; then drain."""
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await self._session(stop)
-                delay = 0.5
-            except Exception as exc:
-                log.warning("broker unavailable (%r); reconnecting in %.1fs", exc, delay)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
+        await amqp.reconnecting(partial(self._session, stop), stop, "consumer")
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def _session(self, stop: asyncio.Event, connected: Callable[[], None]) -> None:
         url, name = self.settings.rabbitmq_url, self.settings.consumer_name
         # Separate connections: a memory or disk alarm blocks publishers, not consumers.
         async with (
@@ -157,6 +149,7 @@ class Worker:
             )
             stopped = asyncio.ensure_future(stop.wait())
             self.consuming.set(1)
+            connected()
             try:
                 await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -8,7 +8,7 @@ its own. Past ``MAX_OUTBOX`` or ``MAX_QUEUE_DEPTH``, new orders get a 503 rather
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 from aio_pika.abc import AbstractConnection, AbstractQueue
@@ -26,7 +26,7 @@ class Backlog:
 
     def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
         self._pool, self._settings = pool, settings
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self.connected = False
         self.outbox_depth = 0
         self.depths: dict[str, int] = {}  # messages ready per queue; empty while disconnected
@@ -45,33 +45,38 @@ class Backlog:
         return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
 
     async def run(self) -> None:
-        """Measure once per ``relay_interval`` until stopped, reconnecting when needed."""
-        connection: AbstractConnection | None = None
-        queues: list[AbstractQueue] = []
+        """Measure once per ``relay_interval`` until stopped: the outbox from the database, the
+        queues over a connection kept open, reconnected as every client is (``amqp``)."""
+        counting = asyncio.create_task(self._count_outbox())
         try:
-            while not self._stopping:
-                try:
-                    self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
-                except Exception as exc:  # the database is down: POST answers 503 anyway
-                    log.debug("outbox gauge: %r", exc)
-                try:
-                    if connection is None or connection.is_closed:
-                        await _close(connection)
-                        connection, queues = await self._connect()
-                    async with asyncio.timeout(READ_TIMEOUT):
-                        self.depths = {
-                            q.name: (await q.declare()).message_count or 0 for q in queues
-                        }
-                    self.connected = True
-                except Exception as exc:  # an unknown depth must not hold orders back
-                    if self.connected:
-                        log.warning("broker unreachable (%r): /readyz answers 503", exc)
-                    self.connected, self.depths = False, {}
-                    await _close(connection)
-                    connection = None
-                await asyncio.sleep(self._settings.relay_interval)
+            await amqp.reconnecting(self._watch, self._stopping, "backlog")
         finally:
-            self.connected = False
+            counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await counting
+
+    async def _count_outbox(self) -> None:
+        while True:
+            try:
+                self.outbox_depth = await self._pool.fetchval("SELECT count(*) FROM outbox")
+            except Exception as exc:  # the database is down: POST answers 503 anyway
+                log.debug("outbox gauge: %r", exc)
+            await asyncio.sleep(self._settings.relay_interval)
+
+    async def _watch(self, connected: Callable[[], None]) -> None:
+        """Read the queues' depths until the broker fails to answer (an unknown depth must not
+        hold orders back: /readyz answers 503 meanwhile)."""
+        connection, queues = await self._connect()
+        try:
+            while not self._stopping.is_set():
+                async with asyncio.timeout(READ_TIMEOUT):
+                    self.depths = {q.name: (await q.declare()).message_count or 0 for q in queues}
+                self.connected = True
+                connected()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
+        finally:
+            self.connected, self.depths = False, {}
             await _close(connection)
 
     async def _connect(self) -> tuple[AbstractConnection, list[AbstractQueue]]:
@@ -105,7 +110,7 @@ async def watching(
         yield backlog
     finally:
         # aio-pika may swallow a cancellation mid-handshake: the loop then ends at its next turn.
-        backlog._stopping = True
+        backlog._stopping.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

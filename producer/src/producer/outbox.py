@@ -105,7 +105,7 @@ class Relay:
         """Connect, publish, reconnect after any broker trouble, until ``stop``."""
         listener = asyncio.create_task(self._listen(), name="outbox-listener")
         try:
-            await self._relay()
+            await amqp.reconnecting(self._session, self._stopping, "outbox relay")
         finally:
             listener.cancel()
 
@@ -135,19 +135,11 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
 
-    async def _relay(self) -> None:
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                await self._session()
-                delay = 0.5
-            except Exception as exc:
-                log.warning("outbox relay: broker unavailable (%r); retrying in %.1fs", exc, delay)
-            finally:
-                self.connected = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, 10.0)
+    async def _session(self, connected: Callable[[], None]) -> None:
+        try:
+            await self._publishing(connected)
+        finally:
+            self.connected = False
 
     async def publish_pending(self, channel: AbstractChannel, sources: Sequence[Source]) -> None:
         """One round over ``sources``: claim, publish, forget what was confirmed."""
@@ -181,7 +173,7 @@ class Relay:
         if failure is not None:
             raise failure
 
-    async def _session(self) -> None:
+    async def _publishing(self, connected: Callable[[], None]) -> None:
         async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
@@ -189,6 +181,7 @@ class Relay:
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self._next_sweep = 0.0  # sweep at once: rows may have been left while disconnected
             self.connected = True
+            connected()
             log.info(
                 "outbox relay connected to %s",
                 amqp.redact(self._settings.rabbitmq_url),

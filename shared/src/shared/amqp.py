@@ -1,8 +1,9 @@
 """Connections, consuming and confirmed publishing, the same way in both services."""
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -12,12 +13,13 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
 from yarl import URL
 
-from shared import aiormq_private
+from shared import aiormq_private, logs
 from shared.messages import Outgoing
 
 CONNECT_TIMEOUT = 10.0
 SETUP_TIMEOUT = 30.0  # channels, QoS and declarations after (re)connecting
 HEARTBEAT = 10  # seconds; a dead peer is noticed after about three missed beats
+RECONNECT_FIRST, RECONNECT_CAP = 0.5, 10.0  # seconds between sessions: doubling, capped
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,39 @@ async def connect(url: str, name: str) -> AbstractConnection:
         await connection.close()
         raise
     return connection
+
+
+async def reconnecting(
+    session: Callable[[Callable[[], None]], Awaitable[None]], stop: asyncio.Event, who: str
+) -> None:
+    """Run ``session`` (connect, then work until the connection is lost) until ``stop`` is set.
+
+    The one reconnect loop of every long-running client (consumer, relay, the API's backlog): a
+    session that fails is logged and started again after a pause that doubles from 0.5 s up to
+    10 s. ``session`` calls the function it is given once it is connected, which starts the
+    pauses at 0.5 s again."""
+    delay = RECONNECT_FIRST
+
+    def connected() -> None:
+        nonlocal delay
+        delay = RECONNECT_FIRST
+
+    while not stop.is_set():
+        try:
+            await session(connected)
+        except Exception as exc:
+            log.warning(
+                "%s: broker unavailable (%r); reconnecting in %.1fs",
+                who,
+                exc,
+                delay,
+                extra=logs.event(
+                    "broker_unavailable", who=who, error=type(exc).__name__, retry_in=delay
+                ),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, RECONNECT_CAP)
 
 
 async def confirmed_channel(connection: AbstractConnection) -> AbstractChannel:

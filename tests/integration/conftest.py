@@ -12,7 +12,7 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer.worker import serve
+from consumer.service import serve
 from producer import outbox
 from producer.app import create_app
 from shared import db, topology

@@ -22,7 +22,7 @@ import pytest
 from yarl import URL
 
 from consumer import dlq
-from consumer.worker import serve
+from consumer.service import serve
 from producer.app import create_app
 from shared import setup, topology
 from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings

@@ -10,7 +10,7 @@ import urllib.request
 import uvloop
 
 from consumer import dlq
-from consumer.worker import serve
+from consumer.service import serve
 from shared import logs
 from shared.settings import ConsumerSettings
 

@@ -91,6 +91,7 @@ class CrawlHandler:
 
     lane = topology.CRAWL_LANE
     noun = "crawl task"
+    subject = "page_id"
 
     def __init__(
         self, pool: asyncpg.Pool, settings: ConsumerSettings, metrics: Metrics, fetcher: Fetcher

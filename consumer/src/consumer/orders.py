@@ -63,6 +63,7 @@ class OrderHandler:
 
     lane = topology.ORDER_LANE
     noun = "order"
+    subject = "order_id"
 
     def __init__(self, pool: asyncpg.Pool, settings: ConsumerSettings, metrics: Metrics) -> None:
         self.pool, self.settings, self.metrics = pool, settings, metrics

@@ -25,19 +25,15 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import DeliveredMessage
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
 
 from consumer.acks import Acks
-from consumer.crawler import CrawlHandler
 from consumer.delivery import Delivery
-from consumer.fetcher import Fetcher
 from consumer.metrics import Metrics
-from consumer.orders import OrderHandler
 from consumer.window import Window
-from shared import amqp, db, logs, messages, topology
+from shared import amqp, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError, Unrecognised
 from shared.messages import Frontier
-from shared.metrics import serving_metrics
 from shared.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +52,7 @@ class Handler(Protocol):
 
     lane: topology.Lane
     noun: str  # "order", "crawl task": for logs
+    subject: str  # the log field that names the message being handled: "order_id", "page_id"
     metrics: Metrics
     concurrency: int  # runners
     prefetch: int
@@ -185,7 +182,8 @@ class Worker:
         while (message := await lane.window.get()) is not None:
             if lane.channel.is_closed:
                 continue  # RabbitMQ redelivers it; its ack could not land anyway
-            logs.order_id.set(message.message_id)  # this task's log lines name the message
+            # This task's log lines name the message.
+            logs.subject.set((lane.handler.subject, message.message_id or ""))
             if message.redelivered:
                 metrics.redeliveries.inc()
             lane.busy += 1
@@ -203,8 +201,7 @@ class Worker:
         attempt = messages.attempt_of(message)
         try:
             with handler.metrics.processing_seconds.time():
-                async with asyncio.timeout(handler.timeout):
-                    outcome = await handler.process(message, attempt)
+                outcome = await _within(handler.timeout, handler.process(message, attempt))
         except Unrecognised as exc:  # not believed: the record it names stays as it is
             await self._dead_letter(lane, message, exc, attempt, "poison", record=False)
         except InvalidMessage as exc:
@@ -319,9 +316,19 @@ async def _best_effort(update: Awaitable[None]) -> None:
         log.warning("could not record the failure: %r", exc)
 
 
+async def _within(seconds: float, attempt: Awaitable[str]) -> str:
+    """The attempt's outcome; a ``TimeoutError`` that says so if it took longer than ``seconds``."""
+    limit = asyncio.timeout(seconds)
+    try:
+        async with limit:
+            return await attempt
+    except TimeoutError as exc:
+        if limit.expired():
+            raise TimeoutError(f"the attempt took longer than {seconds:g} s") from exc
+        raise
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "TimeoutError: the attempt took longer than ORDER_TIMEOUT"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -334,32 +341,3 @@ def _failure_headers(message: Delivery, exc: Exception) -> dict[str, object]:
         messages.FIRST_FAILURE_AT: first,
         messages.LAST_FAILURE_AT: now,
     }
-
-
-async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
-    """Open the pool, migrate, and run one worker with both lanes until ``stop``."""
-    registry = CollectorRegistry()
-    with serving_metrics(registry, settings.metrics_port):
-        pool = await db.create_pool(
-            settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
-        )
-        try:
-            await db.migrate(pool, settings.startup_timeout)
-            async with Fetcher(settings) as fetcher:
-                handlers: list[Handler] = [
-                    OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
-                    CrawlHandler(
-                        pool,
-                        settings,
-                        Metrics.create(registry, "crawl_task", "crawl_tasks"),
-                        fetcher,
-                    ),
-                ]
-                consuming = Gauge(
-                    "consumer_consuming",
-                    "1 while every lane's queue is consumed",
-                    registry=registry,
-                )
-                await Worker(settings, handlers, consuming).run(stop)
-        finally:
-            await pool.close()

@@ -1,7 +1,8 @@
 """Logging for every service: one JSON object per line, or readable text on a terminal.
 
-A line logged while an order is being handled carries its ``order_id``, whoever logs it (our code,
-asyncpg or aio-pika), through a context variable set by the worker. A line that marks a moment
+A line logged while a message is being handled names it, whoever logs it (our code, asyncpg or
+aio-pika), through a context variable set by the worker: ``order_id`` for an order, ``page_id``
+for a crawl task. A line that marks a moment
 other programs wait for (the fault suite, an operator's alert) names it in an ``event`` field, with
 its facts beside it (``extra=logs.event(...)``), so rewording the message breaks nothing.
 """
@@ -13,7 +14,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-order_id: ContextVar[str | None] = ContextVar("order_id", default=None)
+# The message being handled: the log field that names it, and its id.
+subject: ContextVar[tuple[str, str] | None] = ContextVar("subject", default=None)
 
 
 def event(name: str, **fields: object) -> dict[str, object]:
@@ -21,10 +23,10 @@ def event(name: str, **fields: object) -> dict[str, object]:
     return {"event": name, "event_fields": fields}
 
 
-class _WithOrder(logging.Filter):
+class _WithSubject(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "order_id", None) is None:
-            record.order_id = order_id.get()
+        if getattr(record, "subject", None) is None:
+            record.subject = subject.get()
         return True
 
 
@@ -36,8 +38,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "order_id", None):
-            line["order_id"] = str(record.order_id)  # type: ignore[attr-defined]
+        if found := getattr(record, "subject", None):
+            field, id_ = found
+            line[field] = id_
         if name := getattr(record, "event", None):
             line["event"] = name
             for key, value in getattr(record, "event_fields", {}).items():
@@ -53,14 +56,14 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        found = getattr(record, "order_id", None)
-        return f"{text} [order {found}]" if found else text
+        found = getattr(record, "subject", None)
+        return f"{text} [{found[0]} {found[1]}]" if found else text
 
 
 def configure(level: str, fmt: str = "auto") -> None:
     """Route every logger (uvicorn and aio-pika included) through one handler on stderr."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler()
-    handler.addFilter(_WithOrder())
+    handler.addFilter(_WithSubject())
     handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)

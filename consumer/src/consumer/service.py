@@ -1,0 +1,43 @@
+"""The consumer process assembled: the pool, the order and crawl handlers, and one worker."""
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from consumer.crawler import CrawlHandler
+from consumer.fetcher import Fetcher
+from consumer.metrics import Metrics
+from consumer.orders import OrderHandler
+from consumer.worker import Handler, Worker
+from shared import db
+from shared.metrics import serving_metrics
+from shared.settings import ConsumerSettings
+
+
+async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
+    """Open the pool, migrate, and run one worker with both lanes until ``stop``."""
+    registry = CollectorRegistry()
+    with serving_metrics(registry, settings.metrics_port):
+        pool = await db.create_pool(
+            settings.database_url, settings.concurrency + settings.crawl_concurrency + 2
+        )
+        try:
+            await db.migrate(pool, settings.startup_timeout)
+            async with Fetcher(settings) as fetcher:
+                handlers: list[Handler] = [
+                    OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
+                    CrawlHandler(
+                        pool,
+                        settings,
+                        Metrics.create(registry, "crawl_task", "crawl_tasks"),
+                        fetcher,
+                    ),
+                ]
+                consuming = Gauge(
+                    "consumer_consuming",
+                    "1 while every lane's queue is consumed",
+                    registry=registry,
+                )
+                await Worker(settings, handlers, consuming).run(stop)
+        finally:
+            await pool.close()

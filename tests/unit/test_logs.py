@@ -27,3 +27,16 @@ def test_a_fact_never_replaces_a_field_of_every_line() -> None:
 
 def test_a_line_without_an_event_has_no_event_field() -> None:
     assert "event" not in line("plain")
+
+
+def test_a_line_logged_while_a_message_is_handled_names_it_in_its_handler_s_field() -> None:
+    record = logging.LogRecord("asyncpg", logging.INFO, __file__, 1, "query", (), None)
+    token = logs.subject.set(("page_id", "p-1"))
+    try:
+        logs._WithSubject().filter(record)
+    finally:
+        logs.subject.reset(token)
+    got = orjson.loads(logs.JsonFormatter().format(record))
+    assert got["page_id"] == "p-1"
+    assert "order_id" not in got
+    assert logs.TextFormatter().format(record).endswith("[page_id p-1]")

@@ -28,6 +28,7 @@ MAX_ATTEMPTS = 3
 class Handler:
     lane = topology.ORDER_LANE
     noun = "order"
+    subject = "order_id"
     concurrency = prefetch = 1
     max_attempts = MAX_ATTEMPTS
     timeout = 0.2
@@ -37,9 +38,10 @@ class Handler:
         self.registry = CollectorRegistry()
         self.metrics = Metrics.create(self.registry, "order", "orders")
         self.recorded: list[str] = []
+        self.errors: list[str] = []
 
     async def process(self, message: Delivery, attempt: int) -> str:
-        if isinstance(self.error, TimeoutError):
+        if isinstance(self.error, TimeoutError) and not str(self.error):
             await asyncio.sleep(1)  # past ``timeout``
         if self.error is not None:
             raise self.error
@@ -47,6 +49,7 @@ class Handler:
 
     async def retrying(self, message: Delivery, error: str, delay_ms: int) -> None:
         self.recorded.append("retrying")
+        self.errors.append(error)
 
     async def failed(self, message: Delivery, error: str) -> None:
         self.recorded.append("failed")
@@ -142,3 +145,18 @@ async def test_a_move_the_broker_does_not_confirm_gives_the_delivery_back() -> N
     await handle(settled, 1)
     assert settled.acks.settled == ["requeue"]  # type: ignore[attr-defined]
     assert moved(settled) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (TimeoutError(), "TimeoutError: the attempt took longer than 0.2 s"),
+        (TimeoutError("fetch: no answer in 10 s"), "TimeoutError: fetch: no answer in 10 s"),
+    ],
+)
+async def test_an_attempt_past_its_handler_s_timeout_says_so_and_no_other_timeout_does(
+    error: TimeoutError, reason: str
+) -> None:
+    settled = lane(error)
+    await handle(settled, 1)
+    assert settled.handler.errors == [reason]  # type: ignore[attr-defined]

@@ -8,8 +8,9 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, backlog, crawls, dashboard, outbox, problems
+from producer import api, backlog, crawls, dashboard, openapi, outbox, problems
 from producer.auth import SCHEMES, Guard, require_key
+from producer.bodies import BodyGuard
 from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
 from shared import db
@@ -60,7 +61,9 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     )
     app.state.metrics, app.state.settings = metrics, settings
     app.state.guard = Guard(settings)
-    problems.install(app, settings.max_body_bytes)
+    problems.install(app)
+    openapi.document(app)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     keyed = [Depends(require_key), *SCHEMES]
     app.include_router(api.router, dependencies=keyed)
     app.include_router(crawls.router, dependencies=keyed)

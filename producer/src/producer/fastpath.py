@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer import api, problems
+from producer import api, bodies, problems
 from producer.auth import Guard, presented_key
 from producer.metrics import Metrics
 from shared.messages import NewOrder
@@ -39,13 +39,13 @@ class SubmitFastPath:
             return
         started = time.perf_counter()
         headers = _first(scope["headers"])
-        if problems.declared_too_large(headers.get(b"content-length", ""), self.max_body_bytes):
+        if bodies.declared_too_large(headers.get(b"content-length", ""), self.max_body_bytes):
             await self.app(scope, receive, send)  # refused unread
             return
-        messages = await problems.read_body(receive, self.max_body_bytes)
+        messages = await bodies.read_body(receive, self.max_body_bytes)
         admitted = self._admit(headers, messages)
         if admitted is None:
-            await self.app(scope, problems.replaying(messages, receive), send)
+            await self.app(scope, bodies.replaying(messages, receive), send)
             return
         try:
             response = api.accepted(await api.accept(self.state, *admitted))
@@ -64,9 +64,7 @@ class SubmitFastPath:
         if messages[-1]["type"] != "http.request" or messages[-1].get("more_body", False):
             return None
         body = b"".join(m.get("body", b"") for m in messages)
-        if len(body) > self.max_body_bytes or not problems.is_json(
-            headers.get(b"content-type", "")
-        ):
+        if len(body) > self.max_body_bytes or not bodies.is_json(headers.get(b"content-type", "")):
             return None
         key = headers.get(b"idempotency-key")
         try:

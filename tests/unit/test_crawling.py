@@ -9,6 +9,7 @@ from consumer.fetcher import parse
 from consumer.window import Window
 from shared import db, urls
 from shared.messages import Frontier
+from shared.settings import ConsumerSettings
 
 
 @pytest.mark.parametrize(
@@ -122,3 +123,16 @@ async def test_closing_the_window_wakes_every_runner_and_returns_the_rest() -> N
     late.put(sentinel.c, Frontier.FIFO)  # delivered after the close: still given back
     assert await late.get() is None
     assert late.close() == [sentinel.c]
+
+
+def test_the_crawler_is_told_its_crawl_settings_and_nothing_of_the_order_worker() -> None:
+    settings = ConsumerSettings(
+        crawl_concurrency=7, crawl_host_delay_ms=0, crawl_allowed_private_hosts="127.0.0.1"
+    )
+    crawler = settings.crawler
+    assert (crawler.concurrency, crawler.host_delay_ms) == (7, 0)
+    assert crawler.allowed_private_hosts == "127.0.0.1"
+    assert {f"crawl_{name}" for name in type(crawler).model_fields} <= set(
+        type(settings).model_fields
+    )
+    assert not hasattr(crawler, "order_timeout")

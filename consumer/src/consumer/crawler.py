@@ -28,7 +28,7 @@ from shared import db, messages, topology, urls
 from shared.db import CrawlStatus, PageStatus
 from shared.errors import InvalidMessage, PermanentError, TransientError, Unrecognised
 from shared.messages import Frontier
-from shared.settings import ConsumerSettings
+from shared.settings import CrawlerSettings
 
 LEASE_SECONDS = 120  # a claim older than this is taken over even without a redelivery
 
@@ -94,11 +94,11 @@ class CrawlHandler:
     subject = "page_id"
 
     def __init__(
-        self, pool: asyncpg.Pool, settings: ConsumerSettings, metrics: Metrics, fetcher: Fetcher
+        self, pool: asyncpg.Pool, settings: CrawlerSettings, metrics: Metrics, fetcher: Fetcher
     ) -> None:
         self.pool, self.settings, self.metrics, self.fetcher = pool, settings, metrics, fetcher
-        self.concurrency, self.prefetch = settings.crawl_concurrency, settings.crawl_prefetch
-        self.max_attempts, self.timeout = settings.crawl_max_attempts, settings.crawl_task_timeout
+        self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
+        self.max_attempts, self.timeout = settings.max_attempts, settings.task_timeout
 
     def place(self, message: Delivery) -> tuple[Frontier, int]:
         try:
@@ -144,10 +144,10 @@ class CrawlHandler:
             status, error = page.status, page.error
             if page.redirect and (
                 await conn.fetchval("SELECT redirects FROM crawl_pages WHERE id = $1", page_id)
-                >= self.settings.crawl_max_redirects
+                >= self.settings.max_redirects
             ):
                 status = PageStatus.FAILED
-                error = f"more than {self.settings.crawl_max_redirects} redirects in a row"
+                error = f"more than {self.settings.max_redirects} redirects in a row"
                 links = []
             stored = await conn.fetchrow(
                 STORE,

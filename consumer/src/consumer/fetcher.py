@@ -26,7 +26,7 @@ from selectolax.lexbor import LexborHTMLParser
 from shared import urls
 from shared.db import PageStatus
 from shared.errors import TransientError
-from shared.settings import ConsumerSettings
+from shared.settings import CrawlerSettings
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 RETRY_STATUSES = (408, 425, 429)  # and every 5xx
@@ -77,9 +77,9 @@ class _Host:
 
 
 class Fetcher:
-    def __init__(self, settings: ConsumerSettings) -> None:
+    def __init__(self, settings: CrawlerSettings) -> None:
         self.settings = settings
-        self.allowed_private = urls.parse_hosts(settings.crawl_allowed_private_hosts)
+        self.allowed_private = urls.parse_hosts(settings.allowed_private_hosts)
         self._hosts: dict[str, _Host] = {}
         self._robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser | None]] = {}
         self._robots_locks: dict[str, asyncio.Lock] = {}
@@ -89,8 +89,8 @@ class Fetcher:
         s = self.settings
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=_GuardedResolver(self.allowed_private)),
-            timeout=aiohttp.ClientTimeout(total=s.crawl_fetch_timeout),
-            headers={"User-Agent": s.crawl_user_agent, "Accept": "text/html,*/*;q=0.5"},
+            timeout=aiohttp.ClientTimeout(total=s.fetch_timeout),
+            headers={"User-Agent": s.user_agent, "Accept": "text/html,*/*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self
@@ -108,9 +108,9 @@ class Fetcher:
         """Fetch ``url`` if robots.txt allows; raises ``FetchFailed`` when worth retrying."""
         try:
             robots = await self._robots_for(url)
-            if robots is not None and not robots.can_fetch(self.settings.crawl_user_agent, url):
+            if robots is not None and not robots.can_fetch(self.settings.user_agent, url):
                 return Page(PageStatus.BLOCKED, error="disallowed by robots.txt")
-            delay = robots.crawl_delay(self.settings.crawl_user_agent) if robots else None
+            delay = robots.crawl_delay(self.settings.user_agent) if robots else None
             async with self._get(url, float(delay or 0)) as response:
                 return await self._read(url, response)
         except urls.AddressRefused as exc:
@@ -141,13 +141,13 @@ class Fetcher:
     @asynccontextmanager
     async def _polite(self, host: str, crawl_delay: float) -> AsyncIterator[None]:
         s = self.settings
-        state = self._hosts.setdefault(host, _Host(asyncio.Semaphore(s.crawl_host_concurrency)))
+        state = self._hosts.setdefault(host, _Host(asyncio.Semaphore(s.host_concurrency)))
         async with state.slots:
             async with state.lock:
                 wait = state.next_start - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                state.next_start = time.monotonic() + max(s.crawl_host_delay_ms / 1000, crawl_delay)
+                state.next_start = time.monotonic() + max(s.host_delay_ms / 1000, crawl_delay)
             yield
 
     async def _read(self, url: str, response: aiohttp.ClientResponse) -> Page:
@@ -170,7 +170,7 @@ class Fetcher:
                 kind,
                 error=f"HTTP {status} {response.reason or ''}".strip(),
             )
-        limit = self.settings.crawl_max_bytes
+        limit = self.settings.max_bytes
         if (response.content_length or 0) > limit:
             return Page(PageStatus.FAILED, status, kind, error=f"larger than {limit} bytes")
         body = bytearray()

@@ -23,12 +23,12 @@ async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
         )
         try:
             await db.migrate(pool, settings.startup_timeout)
-            async with Fetcher(settings) as fetcher:
+            async with Fetcher(settings.crawler) as fetcher:
                 handlers: list[Handler] = [
                     OrderHandler(pool, settings, Metrics.create(registry, "order", "orders")),
                     CrawlHandler(
                         pool,
-                        settings,
+                        settings.crawler,
                         Metrics.create(registry, "crawl_task", "crawl_tasks"),
                         fetcher,
                     ),

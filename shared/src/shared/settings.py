@@ -5,7 +5,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
@@ -114,6 +114,37 @@ class ConsumerSettings(Settings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="recorded on each order it settles, and shown to RabbitMQ",
     )
+
+    @property
+    def crawler(self) -> "CrawlerSettings":
+        """The crawl lane's own settings (the ``CRAWL_*`` variables): all the crawler reads."""
+        prefix = "crawl_"
+        return CrawlerSettings(
+            **{
+                name: getattr(self, prefix + name)
+                for name in CrawlerSettings.model_fields
+                if name != "allowed_private_hosts"
+            },
+            allowed_private_hosts=self.crawl_allowed_private_hosts,
+        )
+
+
+class CrawlerSettings(BaseModel):
+    """What the crawl handler and its fetcher are told: ``ConsumerSettings.crawler``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    concurrency: int
+    prefetch: int
+    max_attempts: int
+    task_timeout: float
+    fetch_timeout: float
+    max_bytes: int
+    max_redirects: int
+    host_concurrency: int
+    host_delay_ms: int
+    user_agent: str
+    allowed_private_hosts: str
 
 
 class SetupSettings(Settings):

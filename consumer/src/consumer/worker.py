@@ -182,8 +182,9 @@ class Worker:
         while (message := await lane.window.get()) is not None:
             if lane.channel.is_closed:
                 continue  # RabbitMQ redelivers it; its ack could not land anyway
-            # This task's log lines name the message.
-            logs.subject.set((lane.handler.subject, message.message_id or ""))
+            # This task's log lines name the message (poison may come without an id).
+            found = message.message_id
+            logs.subject.set((lane.handler.subject, found) if found else None)
             if message.redelivered:
                 metrics.redeliveries.inc()
             lane.busy += 1

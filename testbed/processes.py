@@ -48,8 +48,11 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
     def events(self, *names: str) -> list[dict[str, Any]]:
-        """The JSON log lines whose ``event`` is one of ``names``, in order."""
-        lines = (line for line in self.log().splitlines() if line.startswith("{"))
+        """The JSON log lines whose ``event`` is one of ``names``, in order; a line still being
+        written (no newline yet) waits for the next read."""
+        text = self.log()
+        complete = text[: text.rfind("\n") + 1]
+        lines = (line for line in complete.splitlines() if line.startswith("{"))
         return [e for e in map(orjson.loads, lines) if e.get("event") in names]
 
     async def wait_for_event(self, name: str, timeout: float = 30, **facts: Any) -> None:

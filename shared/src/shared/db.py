@@ -1,4 +1,4 @@
-"""PostgreSQL, the system of record: schema, migrations and the connection pool.
+"""PostgreSQL, the system of record: the migrator (of ``schema/*.sql``) and the connection pool.
 
 Order states::
 
@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from enum import StrEnum
+from importlib import resources
 
 import asyncpg
 import orjson
@@ -58,200 +59,26 @@ class PageStatus(StrEnum):
     CANCELLED = "cancelled"  # still queued when its crawl was cancelled
 
 
-# NOTIFY on this channel (by the triggers of the last migration): rows to publish were committed,
-# the relays should publish now. The payload names whose: 'orders' or 'crawls'.
+# NOTIFY on this channel (by the triggers of schema/0007_notify_relay.sql): rows to publish were
+# committed, the relays should publish now. The payload names whose: 'orders' or 'crawls'.
 OUTBOX_CHANNEL = "outbox"
 
-# Append only: each entry runs once, in order, under an advisory lock.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE orders (
-        id              uuid PRIMARY KEY,
-        customer_id     text NOT NULL,
-        items           jsonb NOT NULL,
-        priority        smallint NOT NULL CHECK (priority BETWEEN 0 AND 9),
-        status          text NOT NULL CHECK (status IN
-                          ('accepted','processing','retrying','completed','rejected','failed')),
-        attempts        integer NOT NULL DEFAULT 0,
-        reason          text,
-        idempotency_key text UNIQUE,
-        request_hash    bytea,
-        next_attempt_at timestamptz,
-        created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-        updated_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-        completed_at    timestamptz
-    );
-    CREATE INDEX orders_status ON orders (status);
-    CREATE TABLE outbox (
-        seq        bigserial PRIMARY KEY,
-        order_id   uuid NOT NULL UNIQUE REFERENCES orders (id),
-        priority   smallint NOT NULL
-    );
-    CREATE INDEX outbox_next ON outbox (priority DESC, seq);
-    CREATE TABLE inventory (
-        sku        text PRIMARY KEY,
-        available  integer NOT NULL CHECK (available >= 0),
-        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
-    );
-    CREATE TABLE reservations (
-        order_id   uuid NOT NULL REFERENCES orders (id),
-        sku        text NOT NULL REFERENCES inventory (sku),
-        quantity   integer NOT NULL CHECK (quantity > 0),
-        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        PRIMARY KEY (order_id, sku)
-    );
-    """,
-    "ALTER TABLE orders ADD COLUMN processed_by text",
-    # Was ``reserve_order``, one order's reservation: the batch's rule since migration 8.
-    "SELECT 1",
-    # For the dashboard: recent completions and the latest failures without a scan.
-    """
-    CREATE INDEX orders_completed_at ON orders (completed_at) WHERE completed_at IS NOT NULL;
-    CREATE INDEX orders_failures ON orders (updated_at) WHERE status IN ('rejected', 'failed');
-    """,
-    # The crawler (docs/crawler.md). A page row is its crawl task's outbox entry while
-    # ``unpublished``; the unique (crawl_id, url) is what fetches each URL once per crawl.
-    """
-    CREATE TABLE crawls (
-        id            uuid PRIMARY KEY,
-        root_url      text NOT NULL,
-        frontier      text NOT NULL CHECK (frontier IN ('fifo', 'lifo', 'priority')),
-        max_depth     integer NOT NULL CHECK (max_depth >= 0),
-        max_pages     integer NOT NULL CHECK (max_pages >= 1),
-        allowed_hosts text[] NOT NULL,
-        status        text NOT NULL CHECK (status IN ('running', 'completed', 'cancelled')),
-        pages         integer NOT NULL DEFAULT 0,
-        idempotency_key text UNIQUE,
-        request_hash  bytea,
-        created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
-        updated_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
-        finished_at   timestamptz
-    );
-    CREATE SEQUENCE crawl_visits;
-    CREATE TABLE crawl_pages (
-        id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        crawl_id      uuid NOT NULL REFERENCES crawls (id),
-        url           text NOT NULL,
-        depth         integer NOT NULL,
-        redirects     integer NOT NULL DEFAULT 0,
-        found_from    uuid,
-        seq           bigserial,
-        status        text NOT NULL DEFAULT 'queued' CHECK (status IN
-                        ('queued','fetching','fetched','failed','blocked','cancelled')),
-        unpublished   boolean NOT NULL DEFAULT true,
-        attempts      integer NOT NULL DEFAULT 0,
-        claimed_until timestamptz,
-        visit         bigint,
-        http_status   integer,
-        content_type  text,
-        title         text,
-        links         integer,
-        links_out     text[],
-        error         text,
-        fetched_at    timestamptz,
-        UNIQUE (crawl_id, url)
-    );
-    CREATE INDEX crawl_pages_unpublished ON crawl_pages (seq) WHERE unpublished;
-    CREATE INDEX crawl_pages_open ON crawl_pages (crawl_id) WHERE status IN ('queued', 'fetching');
-    """,
-    # Was ``reserve_orders`` calling ``reserve_order``: migration 8 has the one rule.
-    "SELECT 1",
-    # What adds rows to publish wakes the relays (in any process) at its commit, one
-    # notification per transaction: 'orders' from the outbox, 'crawls' from crawl pages.
-    f"""
-    CREATE FUNCTION notify_relay() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_notify('{OUTBOX_CHANNEL}', TG_ARGV[0]);
-        RETURN NULL;
-    END
-    $$;
-    CREATE TRIGGER notify_relay AFTER INSERT ON outbox
-        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('orders');
-    CREATE TRIGGER notify_relay AFTER INSERT ON crawl_pages
-        FOR EACH STATEMENT EXECUTE FUNCTION notify_relay('crawls');
-    """,
-    # The reservation rule, once (consumer/orders.py): each order reserves every line or none and
-    # becomes final in the transaction. Every lock is taken up front, the orders' rows then the
-    # stock rows, each in key order, so two batches never deadlock. When every order is still
-    # open and the stock covers the whole batch (the usual case), all of them complete in three
-    # set-based statements. Otherwise each order is a batch of one, in batch order: completed,
-    # ``duplicate`` if already final (a redelivery), or rejected with the lines that are short.
-    # The lines come flattened: ``p_orders[i]`` wants ``p_quantities[i]`` of ``p_skus[i]``, one
-    # line per order and SKU.
-    f"""
-    CREATE OR REPLACE FUNCTION
-        reserve_orders(p_orders uuid[], p_skus text[], p_quantities int[], p_by text)
-    RETURNS TABLE (reserved uuid, outcome text) LANGUAGE plpgsql
-    -- Every statement here looks rows up by key. A plan cached while ``orders`` was small (a
-    -- new database, statistics not gathered yet) would scan the whole table on every call.
-    SET enable_seqscan = off AS $$
-    DECLARE
-        one uuid;
-        current text;
-        short text;
-    BEGIN
-        PERFORM 1 FROM orders WHERE id = ANY (p_orders) ORDER BY id FOR UPDATE;
-        PERFORM 1 FROM inventory WHERE sku = ANY (p_skus) ORDER BY sku FOR UPDATE;
-        SELECT string_agg(
-                   s.sku || CASE WHEN s.available IS NULL THEN ' (unknown SKU)'
-                            ELSE format(' (requested %s, available %s)', s.wanted, s.available)
-                            END,
-                   ', ' ORDER BY s.sku)
-          INTO short
-          FROM (SELECT l.sku, sum(l.quantity) AS wanted, i.available
-                  FROM unnest(p_skus, p_quantities) AS l (sku, quantity)
-                  LEFT JOIN inventory i ON i.sku = l.sku
-                 GROUP BY l.sku, i.available) s
-         WHERE s.available IS NULL OR s.available < s.wanted;
-        IF short IS NULL
-           AND (SELECT count(*) FROM orders WHERE id = ANY (p_orders)
-                   AND status NOT IN ({FINAL_SQL}))
-               = (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o)
-        THEN
-            UPDATE inventory i SET available = i.available - d.wanted,
-                                   updated_at = clock_timestamp()
-              FROM (SELECT l.sku, sum(l.quantity) AS wanted
-                      FROM unnest(p_skus, p_quantities) AS l (sku, quantity) GROUP BY l.sku) d
-             WHERE i.sku = d.sku;
-            INSERT INTO reservations (order_id, sku, quantity)
-            SELECT * FROM unnest(p_orders, p_skus, p_quantities);
-            RETURN QUERY
-            UPDATE orders SET status = 'completed', reason = NULL, processed_by = p_by,
-                              completed_at = clock_timestamp(), updated_at = clock_timestamp()
-             WHERE id = ANY (p_orders)
-            RETURNING id, 'completed'::text;
-            RETURN;
-        END IF;
-        IF (SELECT count(DISTINCT o) FROM unnest(p_orders) AS o) > 1 THEN
-            FOR one IN SELECT t.o FROM unnest(p_orders) WITH ORDINALITY AS t (o, n)
-                        GROUP BY t.o ORDER BY min(t.n) LOOP
-                RETURN QUERY
-                SELECT r.reserved, r.outcome
-                  FROM (SELECT array_agg(l.sku ORDER BY l.sku) AS skus,
-                               array_agg(l.quantity ORDER BY l.sku) AS quantities
-                          FROM unnest(p_orders, p_skus, p_quantities) AS l (id, sku, quantity)
-                         WHERE l.id = one) a,
-                       reserve_orders(ARRAY[one], a.skus, a.quantities, p_by) r;
-            END LOOP;
-            RETURN;
-        END IF;
-        reserved := p_orders[1];
-        SELECT status INTO current FROM orders WHERE id = reserved;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'order % does not exist', reserved;
-        ELSIF current IN ({FINAL_SQL}) THEN
-            outcome := 'duplicate';
-        ELSE
-            UPDATE orders SET status = 'rejected', reason = 'insufficient stock: ' || short,
-                              processed_by = p_by, updated_at = clock_timestamp()
-             WHERE id = reserved;
-            outcome := 'rejected';
-        END IF;
-        RETURN NEXT;
-    END
-    $$;
-    DROP FUNCTION IF EXISTS reserve_order(uuid, text[], int[], text);
-    """,
+# The schema: ``schema/NNNN_name.sql``, append only, each run once in order under an advisory lock.
+# ``:name`` in a file stands for a constant of this module (``_render``), so the SQL and the code
+# share one spelling of it.
+_VARIABLES = {"final_statuses": FINAL_SQL, "outbox_channel": f"'{OUTBOX_CHANNEL}'"}
+_VARIABLE = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _render(sql: str) -> str:
+    """``sql`` with each ``:name`` of ``_VARIABLES`` replaced by its value."""
+    return _VARIABLE.sub(lambda m: _VARIABLES.get(m[1], m[0]), sql)
+
+
+SCHEMA = resources.files(__package__) / "schema"
+MIGRATIONS: tuple[str, ...] = tuple(
+    _render(SCHEMA.joinpath(name).read_text())
+    for name in sorted(f.name for f in SCHEMA.iterdir() if f.name.endswith(".sql"))
 )
 
 _MIGRATION_LOCK = 0x0D_E5  # any constant shared by every service

@@ -199,7 +199,7 @@ async def test_repeated_and_concurrent_posts_with_one_key_make_one_order(
 async def test_concurrent_posts_share_one_statement_and_each_gets_its_own_order(
     api: httpx.AsyncClient, conn: asyncpg.Connection
 ) -> None:
-    submit = api.app.state.submit  # type: ignore[attr-defined]
+    submit = api.app.state.services.submit  # type: ignore[attr-defined]
     sizes: list[int] = []
     store = submit.run
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from producer.api import OrderView
-from producer.auth import require_key
 from producer.fastpath import SubmitFastPath
+from producer.services import require_key
 from testbed.processes import AUTH
 from tests.integration.conftest import ApiFactory
 
@@ -102,7 +102,6 @@ async def test_keys_are_honoured_on_the_fast_path(
         pytest.param({"Idempotency-Key": "has space"}, GOOD, id="key with a space"),
         pytest.param({}, {**GOOD, "priority": 10}, id="invalid order"),
         pytest.param({}, [GOOD], id="not an object"),
-        pytest.param({"X-API-Key": "wrong"}, GOOD, id="unknown API key"),
     ],
 )
 async def test_anything_the_route_would_refuse_is_handed_on_to_it(
@@ -113,6 +112,39 @@ async def test_anything_the_route_would_refuse_is_handed_on_to_it(
 ) -> None:
     await api.post("/orders", json=body, headers=headers)
     assert routed == ["route"]
+
+
+def _problem(response: httpx.Response) -> tuple[int, dict[str, Any], dict[str, str]]:
+    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+    return response.status_code, response.json(), headers
+
+
+async def test_a_valid_order_is_refused_on_the_fast_path_as_the_route_refuses_it(
+    start_api: ApiFactory, conn: asyncpg.Connection
+) -> None:
+    """One admission: the fast path makes the route's key, rate and backlog checks itself (401,
+    429, 503), with the route's code and the route's answer."""
+    limited = {"rate_limit_per_second": 0.001, "rate_limit_burst": 1}
+    fast = await start_api(demo_catalogue=True, **limited)
+    seen = _noting(fast.app)  # type: ignore[attr-defined]
+    plain = await _without_fast_path(start_api)
+    plain.app.state.services.guard.rate, plain.app.state.services.guard.burst = 0.001, 1  # type: ignore[attr-defined]
+    answers: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = {}
+    for name, client in (("fast", fast), ("plain", plain)):
+        services = client.app.state.services  # type: ignore[attr-defined]
+        unknown = await client.post("/orders", json=GOOD, headers={"X-API-Key": "wrong"})
+        first = await client.post("/orders", json=GOOD)
+        limited_out = await client.post("/orders", json=GOOD)
+        services.guard.rate = 0  # no limit: the next check is the backlog's
+        services.backlog.outbox_depth = services.settings.max_outbox
+        overloaded = await client.post("/orders", json=GOOD)
+        services.backlog.outbox_depth = 0
+        assert first.status_code == 202, first.text
+        answers[name] = [_problem(r) for r in (unknown, limited_out, overloaded)]
+    assert [status for status, _, _ in answers["fast"]] == [401, 429, 503]
+    assert answers["fast"] == answers["plain"]
+    assert seen == []  # the fast path answered every one of them
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2
 
 
 @pytest.mark.parametrize(
@@ -156,7 +188,7 @@ async def test_a_content_length_of_digits_that_are_not_ascii_is_no_server_error(
 async def test_an_unreachable_store_is_a_503_problem_from_the_fast_path(
     api: httpx.AsyncClient, routed: list[str], conn: asyncpg.Connection
 ) -> None:
-    await api.app.state.pool.close()  # type: ignore[attr-defined]
+    await api.app.state.services.pool.close()  # type: ignore[attr-defined]
     response = await api.post("/orders", json=GOOD)
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"

@@ -270,7 +270,7 @@ async def test_a_round_claims_only_the_sources_that_are_due(
     """An order's commit wakes a claim of orders alone; the sweep still looks at every source
     once per RELAY_INTERVAL, even while orders keep waking the relay."""
     api = await start_api(relay_interval=3.0, demo_catalogue=True)
-    relay = api.app.state.relay  # type: ignore[attr-defined]
+    relay = api.app.state.services.relay  # type: ignore[attr-defined]
     await wait_until(lambda: _connected(relay), 20, "the relay to connect")
     rounds: list[list[str]] = []
     publish_pending = relay.publish_pending
@@ -303,7 +303,7 @@ async def test_one_round_in_flight_until_a_claim_comes_back_full(
     """Orders committed while a round waits for its confirms go out together in the next round;
     behind a backlog (a claim that comes back full) the second publisher joins in."""
     api = await start_api(relay_batch=3, relay_interval=3.0, demo_catalogue=True)
-    relay = api.app.state.relay  # type: ignore[attr-defined]
+    relay = api.app.state.services.relay  # type: ignore[attr-defined]
     await wait_until(lambda: _connected(relay), 20, "the relay to connect")
     in_flight, most = 0, 0
     publish_pending = relay.publish_pending

@@ -2,42 +2,27 @@
 
 import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
-from operator import attrgetter
 from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
 import orjson
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from starlette.datastructures import State
 
+from producer import store
 from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
-from shared.batch import Batcher
+from producer.services import Services, ServicesDep
 from shared.db import Status
-from shared.messages import Item, NewOrder, Sku, items_json, new_id
+from shared.messages import Item, NewOrder, Sku, new_id
 
 router = APIRouter()  # needs an API key
 health = APIRouter(tags=["health"])  # open: probes carry no keys
 
 
-# Async, or FastAPI would run them in a thread pool.
-async def _pool(request: Request) -> asyncpg.Pool:
-    pool: asyncpg.Pool = request.app.state.pool
-    return pool
-
-
-async def _backlog(request: Request) -> Backlog:
-    backlog: Backlog = request.app.state.backlog
-    return backlog
-
-
-PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
-BacklogDep = Annotated[Backlog, Depends(_backlog)]
 # An Idempotency-Key: printable ASCII, no spaces.
 Key = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
 IdempotencyKey = Annotated[Key | None, Header(alias="Idempotency-Key")]
@@ -94,75 +79,6 @@ class StockView(StockLevel):
     updated_at: datetime
 
 
-ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, next_attempt_at,
-                   created_at, updated_at, completed_at, processed_by"""
-
-# One statement, so one atomic step: each order and its outbox row exist together or not at
-# all. The single-order requests in flight share it (group commit, shared/batch.py): keys in
-# order, so that two producers' statements never deadlock on them, and of two requests with one
-# key, the first to arrive makes the order.
-SUBMIT = f"""
-    WITH new AS (
-        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
-        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash
-          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[])
-               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, arrival)
-         ORDER BY key, arrival
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING {ORDER_COLUMNS}
-    ), queued AS (
-        INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new
-    )
-    SELECT * FROM new
-"""
-
-
-@dataclass(frozen=True)
-class Submission:
-    """One ``POST /orders`` for the shared statement."""
-
-    id: UUID
-    order: NewOrder
-    key: str | None
-    digest: bytes | None
-
-
-def submitter(pool: asyncpg.Pool) -> Batcher[Submission, asyncpg.Record | None]:
-    """Stores submissions in batches; a request gets its row, or None if its key was used."""
-
-    async def store(batch: Sequence[Submission]) -> list[asyncpg.Record | None]:
-        rows = await pool.fetch(
-            SUBMIT,
-            [s.id for s in batch],
-            [s.order.customer_id for s in batch],
-            [items_json(s.order) for s in batch],
-            [s.order.priority for s in batch],
-            [s.key for s in batch],
-            [s.digest for s in batch],
-        )
-        stored = {row["id"]: row for row in rows}
-        return [stored.get(s.id) for s in batch]
-
-    return Batcher(store, key=attrgetter("id"))
-
-
-# The whole batch in one statement; keys that already exist are resolved afterwards.
-SUBMIT_BATCH = """
-    WITH input AS (
-        SELECT * FROM jsonb_to_recordset($1::jsonb) AS t(
-            id uuid, customer_id text, items jsonb, priority smallint, key text, hash text)
-    ), new AS (
-        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
-        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex') FROM input
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING id, priority
-    ), queued AS (
-        INSERT INTO outbox (order_id, priority) SELECT id, priority FROM new
-    )
-    SELECT id FROM new
-"""
-
-
 def _digest(order: NewOrder) -> bytes:
     """What makes two requests with one Idempotency-Key the same request."""
     body = order.model_dump(mode="json", include={"customer_id", "items", "priority"})
@@ -189,26 +105,24 @@ def order_json(row: asyncpg.Record | Mapping[str, Any]) -> bytes:
     return orjson.dumps(view, option=orjson.OPT_UTC_Z)
 
 
-async def accept(state: State, order: NewOrder, key: str | None) -> asyncpg.Record:
-    """Store ``order``, or find the one an earlier request with ``key`` stored; its row.
+async def accept(services: Services, order: NewOrder, key: str | None) -> asyncpg.Record:
+    """Store ``order``, or find the one an earlier request with ``key`` stored; its row. The
+    route's and the fast path's one admission of a valid order from a known caller.
 
     Raises a 503 problem when too much work is queued, and a 422 when ``key`` was used with
     another order.
     """
-    _refuse_when_overloaded(state.backlog)
+    _refuse_when_overloaded(services.backlog)
     digest = _digest(order) if key else None  # only a key's reuse is compared
-    submit: Batcher[Submission, asyncpg.Record | None] = state.submit
-    row = await submit(Submission(new_id(), order, key, digest))
+    row = await services.submit(store.Submission(new_id(), order, key, digest))
     if row is None:  # the key was used before
-        pool: asyncpg.Pool = state.pool
-        row = await pool.fetchrow(
-            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1", key
-        )
+        assert key is not None
+        row = await store.order_with_key(services.pool, key)
         assert row is not None
         if row["request_hash"] != digest:
             raise key_reused()
     else:  # the outbox's NOTIFY wakes the relay
-        state.metrics.accepted.labels("single").inc()
+        services.metrics.accepted.labels("single").inc()
     return row
 
 
@@ -239,11 +153,11 @@ def link(operation: str, **parameters: str) -> dict[str, Any]:
     },
 )
 async def submit_order(
-    order: NewOrder, request: Request, idempotency_key: IdempotencyKey = None
+    order: NewOrder, services: ServicesDep, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
     # A valid order with a valid key seldom gets here: producer/fastpath.py answers it first.
-    return accepted(await accept(request.app.state, order, idempotency_key))
+    return accepted(await accept(services, order, idempotency_key))
 
 
 @router.post(
@@ -256,11 +170,9 @@ async def submit_order(
         503: {"description": "the order store is unreachable, or too much work is queued"},
     },
 )
-async def submit_batch(
-    batch: Batch, request: Request, pool: PoolDep, backlog: BacklogDep
-) -> BatchView:
+async def submit_batch(batch: Batch, services: ServicesDep) -> BatchView:
     """Accept up to 1,000 orders in one transaction: all are stored, or none."""
-    _refuse_when_overloaded(backlog)
+    _refuse_when_overloaded(services.backlog)
     keys = [o.idempotency_key for o in batch.orders if o.idempotency_key]
     if len(keys) != len(set(keys)):
         raise Problem(
@@ -282,23 +194,14 @@ async def submit_batch(
         }
         for i, o, d in zip(ids, batch.orders, digests, strict=True)
     ]
-    async with pool.acquire() as conn, conn.transaction():
-        created = {r["id"] for r in await conn.fetch(SUBMIT_BATCH, rows)}
+    async with services.pool.acquire() as conn, conn.transaction():
+        created = await store.submit_batch(conn, rows)
         reused = [
-            o.idempotency_key for o, i in zip(batch.orders, ids, strict=True) if i not in created
+            o.idempotency_key
+            for o, i in zip(batch.orders, ids, strict=True)
+            if i not in created and o.idempotency_key
         ]
-        earlier = (
-            {
-                r["idempotency_key"]: r
-                for r in await conn.fetch(
-                    "SELECT id, status, idempotency_key, request_hash FROM orders"
-                    " WHERE idempotency_key = ANY($1::text[])",
-                    reused,
-                )
-            }
-            if reused
-            else {}
-        )
+        earlier = await store.orders_with_keys(conn, reused) if reused else {}
         items = []
         for order, order_id, digest in zip(batch.orders, ids, digests, strict=True):
             if order_id in created:
@@ -312,6 +215,7 @@ async def submit_batch(
                     )
                 )
                 continue
+            assert order.idempotency_key is not None  # only a key can have been used before
             row = earlier[order.idempotency_key]
             if row["request_hash"] != digest:
                 raise key_reused()  # rolls the whole batch back
@@ -325,7 +229,7 @@ async def submit_batch(
                 )
             )
     if created:
-        request.app.state.metrics.accepted.labels("batch").inc(len(created))
+        services.metrics.accepted.labels("batch").inc(len(created))
     return BatchView(orders=items)
 
 
@@ -343,9 +247,9 @@ def _refuse_when_overloaded(backlog: Backlog) -> None:
 
 # Only a UUID is an order's id: GET /orders/batch is a 405, and /orders/not-an-id a 404.
 @router.get("/orders/{order_id:uuid}", response_model=OrderView, responses={404: {}})
-async def get_order(order_id: UUID, pool: PoolDep) -> Response:
+async def get_order(order_id: UUID, services: ServicesDep) -> Response:
     """An order's status, attempts, reason and timestamps."""
-    row = await pool.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
+    row = await store.order(services.pool, order_id)
     if row is None:
         raise Problem(
             404, "Order not found", f"No order has the id {order_id}.", "/problems/not-found"
@@ -358,25 +262,16 @@ async def get_order(order_id: UUID, pool: PoolDep) -> Response:
     response_model=StockView,
     responses={200: {"links": {"stock": link("get_stock", sku="$response.body#/sku")}}},
 )
-async def set_stock(sku: SkuPath, level: StockLevel, pool: PoolDep) -> StockView:
+async def set_stock(sku: SkuPath, level: StockLevel, services: ServicesDep) -> StockView:
     """Set the stock available for a SKU."""
-    row = await pool.fetchrow(
-        """INSERT INTO inventory (sku, available) VALUES ($1, $2)
-           ON CONFLICT (sku) DO UPDATE SET available = $2, updated_at = clock_timestamp()
-           RETURNING sku, available, updated_at""",
-        sku,
-        level.available,
-    )
-    assert row is not None
+    row = await store.set_stock(services.pool, sku, level.available)
     return StockView.model_validate(dict(row))
 
 
 @router.get("/inventory/{sku}", response_model=StockView, responses={404: {}})
-async def get_stock(sku: SkuPath, pool: PoolDep) -> StockView:
+async def get_stock(sku: SkuPath, services: ServicesDep) -> StockView:
     """The stock available for a SKU."""
-    row = await pool.fetchrow(
-        "SELECT sku, available, updated_at FROM inventory WHERE sku = $1", sku
-    )
+    row = await store.stock(services.pool, sku)
     if row is None:
         raise Problem(
             404, "SKU not found", f"No stock is recorded for {sku}.", "/problems/not-found"
@@ -391,14 +286,14 @@ async def healthz() -> dict[str, str]:
 
 
 @health.get("/readyz", responses={503: {"description": "broker or database unreachable"}})
-async def readyz(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
+async def readyz(services: ServicesDep) -> dict[str, Any]:
     """Both the database and the broker are reachable."""
     try:
-        await asyncio.wait_for(pool.fetchval("SELECT 1"), 2)
+        await asyncio.wait_for(services.pool.fetchval("SELECT 1"), 2)
         database = "ok"
     except UNAVAILABLE as exc:
         database = f"unreachable: {exc!r}"
-    broker = "ok" if backlog.connected else "unreachable"
+    broker = "ok" if services.backlog.connected else "unreachable"
     if database != "ok" or broker != "ok":
         raise Problem(
             503,

@@ -1,18 +1,18 @@
-"""The FastAPI application: ``create_app(settings)`` with a lifespan that owns every connection."""
+"""The FastAPI application: ``create_app(settings)``, whose lifespan opens the ``Services``."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 
-import asyncpg
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, backlog, crawls, dashboard, openapi, outbox, problems
-from producer.auth import SCHEMES, Guard, require_key
+from producer import api, backlog, crawls, dashboard, openapi, outbox, problems, store
+from producer.auth import SCHEMES, Guard
 from producer.bodies import BodyGuard
 from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
+from producer.services import Services, require_key
 from shared import db
 from shared.settings import ProducerSettings
 
@@ -20,16 +20,8 @@ from shared.settings import ProducerSettings
 DEMO_CATALOGUE = {"BOOK-1": 1_000, "BOOK-2": 1_000, "MUG-1": 500, "PEN-1": 5_000, "TSHIRT-M": 200}
 
 
-async def seed_demo_catalogue(pool: asyncpg.Pool) -> None:
-    """Insert the demo stock, leaving any existing level alone."""
-    await pool.executemany(
-        "INSERT INTO inventory (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING",
-        DEMO_CATALOGUE.items(),
-    )
-
-
 def create_app(settings: ProducerSettings) -> FastAPI:
-    metrics = Metrics.create()
+    metrics, guard = Metrics.create(), Guard(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,14 +29,15 @@ def create_app(settings: ProducerSettings) -> FastAPI:
         try:
             await db.migrate(pool, settings.startup_timeout)
             if settings.demo_catalogue:
-                await seed_demo_catalogue(pool)
+                await store.add_stock_once(pool, DEMO_CATALOGUE.items())
             # The relay here, or in ``python -m producer relay``; either is woken by NOTIFY.
             relaying = (
                 outbox.running(pool, settings, metrics) if settings.relay_inline else nullcontext()
             )
             async with backlog.watching(pool, settings, metrics) as watched, relaying as relay:
-                app.state.pool, app.state.backlog, app.state.relay = pool, watched, relay
-                app.state.submit = api.submitter(pool)
+                app.state.services = Services(
+                    settings, metrics, guard, pool, watched, store.submitter(pool), relay
+                )
                 yield
         finally:
             await pool.close()
@@ -59,8 +52,6 @@ def create_app(settings: ProducerSettings) -> FastAPI:
         # up the global providers on every request (about 4% of the producer's CPU under load).
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.metrics, app.state.settings = metrics, settings
-    app.state.guard = Guard(settings)
     problems.install(app)
     openapi.document(app)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
@@ -71,7 +62,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     app.include_router(dashboard.router, dependencies=keyed if settings.dashboard_needs_key else [])
     app.add_middleware(RequestMetrics, metrics=metrics, excluded=("/metrics",))
     # Outermost: the valid orders it answers skip FastAPI's machinery; it hands on the rest.
-    app.add_middleware(SubmitFastPath, state=app.state, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(SubmitFastPath, max_body_bytes=settings.max_body_bytes)
 
     @app.get(
         "/metrics",

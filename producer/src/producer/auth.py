@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from fastapi import Request, Security
+from fastapi import Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from producer.problems import Problem
@@ -72,9 +72,36 @@ class Guard:
         bucket.tokens -= 1
         return 0.0
 
+    def admit(self, x_api_key: str | None, authorization: str | None) -> str:
+        """The name of the key a request presents in these headers, once one request of its
+        budget is spent; else the 401 or 429 problem. Every keyed route's check, the fast path's
+        too (``services.require_key``, ``fastpath``)."""
+        presented = presented_key(x_api_key, authorization)
+        name = self.identify(presented) if presented else None
+        if name is None:
+            raise Problem(
+                401,
+                "Unauthorized",
+                "Send a valid API key in X-API-Key or Authorization: Bearer."
+                if presented
+                else "This endpoint needs an API key in X-API-Key or Authorization: Bearer.",
+                "/problems/unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="orders"'},
+            )
+        wait = self.take(name)
+        if wait > 0:
+            raise Problem(
+                429,
+                "Too many requests",
+                f"The rate limit for this key is {self.rate:g} requests per second.",
+                "/problems/rate-limited",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        return name
 
-# Either header will do. These declare the keys in the OpenAPI document; ``require_key`` and the
-# fast path read the headers themselves (``presented_key``).
+
+# Either header will do. These declare the keys in the OpenAPI document; ``Guard.admit`` reads the
+# headers itself (``presented_key``).
 SCHEMES = (
     Security(APIKeyHeader(name="X-API-Key", auto_error=False)),
     Security(HTTPBearer(auto_error=False)),
@@ -87,31 +114,3 @@ def presented_key(x_api_key: str | None, authorization: str | None) -> str | Non
         return x_api_key
     scheme, _, token = (authorization or "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
-
-
-async def require_key(request: Request) -> str:
-    """FastAPI dependency: the caller's key name, or a 401 / 429 problem."""
-    guard: Guard = request.app.state.guard
-    headers = request.headers
-    presented = presented_key(headers.get("X-API-Key"), headers.get("Authorization"))
-    name = guard.identify(presented) if presented else None
-    if name is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "Send a valid API key in X-API-Key or Authorization: Bearer."
-            if presented
-            else "This endpoint needs an API key in X-API-Key or Authorization: Bearer.",
-            "/problems/unauthorized",
-            headers={"WWW-Authenticate": 'Bearer realm="orders"'},
-        )
-    wait = guard.take(name)
-    if wait > 0:
-        raise Problem(
-            429,
-            "Too many requests",
-            f"The rate limit for this key is {guard.rate:g} requests per second.",
-            "/problems/rate-limited",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
-    return name

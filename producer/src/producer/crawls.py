@@ -8,11 +8,12 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer.api import IdempotencyKey, PoolDep, key_reused, link
+from producer.api import IdempotencyKey, key_reused, link
 from producer.problems import Problem
+from producer.services import PoolDep, ServicesDep
 from shared import urls
 from shared.db import CrawlStatus, PageStatus
 from shared.messages import Frontier, new_id
@@ -165,13 +166,13 @@ async def _check_root(url: str, allowed_private: frozenset[str]) -> str:
 )
 async def start_crawl(
     crawl: NewCrawl,
-    request: Request,
     response: Response,
-    pool: PoolDep,
+    services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
 ) -> CrawlView:
     """Start a crawl at ``url``: stored before the 202, then crawled by the consumers."""
-    allowed_private = urls.parse_hosts(request.app.state.settings.crawl_allowed_private_hosts)
+    pool = services.pool
+    allowed_private = urls.parse_hosts(services.settings.crawl_allowed_private_hosts)
     root = await _check_root(crawl.url, allowed_private)
     hosts = sorted({h.lower().strip("[]") for h in crawl.allowed_hosts or [urls.host_of(root)]})
     digest = hashlib.sha256(

@@ -10,7 +10,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from producer.api import BacklogDep, PoolDep
+from producer import store
+from producer.services import ServicesDep
 
 router = APIRouter()
 PAGE = (Path(__file__).with_name("dashboard.html")).read_text()
@@ -23,30 +24,22 @@ async def dashboard() -> str:
 
 
 @router.get("/dashboard/data", responses={503: {}})
-async def dashboard_data(pool: PoolDep, backlog: BacklogDep) -> dict[str, Any]:
+async def dashboard_data(services: ServicesDep) -> dict[str, Any]:
     """Counts by status, queue depths, completions per 10 s over 5 min, the latest failures."""
-    counts = await pool.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
-    completions = await pool.fetch(
-        """SELECT floor(extract(epoch FROM completed_at) / $1) * $1 AS t, count(*) AS n
-           FROM orders WHERE completed_at > clock_timestamp() - $2 * interval '1 second'
-           GROUP BY 1 ORDER BY 1""",
-        BUCKET_S,
-        WINDOW_S,
-    )
-    failures = await pool.fetch(
-        """SELECT id, status, reason, updated_at FROM orders
-           WHERE status IN ('rejected', 'failed') ORDER BY updated_at DESC LIMIT 10"""
-    )
+    pool, backlog = services.pool, services.backlog
+    counts = await store.counts_by_status(pool)
+    points = await store.completions(pool, BUCKET_S, WINDOW_S)
+    failures = await store.latest_failures(pool, 10)
     return {
         "time": datetime.now(UTC).isoformat(),
-        "counts": {r["status"]: r["n"] for r in counts},
+        "counts": counts,
         "outbox": backlog.outbox_depth,
         "queues": backlog.depths,
         "broker": "connected" if backlog.connected else "unreachable",
         "throughput": {
             "bucket_s": BUCKET_S,
             "window_s": WINDOW_S,
-            "points": [[float(r["t"]), r["n"]] for r in completions],
+            "points": points,
         },
-        "failures": [dict(r) for r in failures],
+        "failures": failures,
     }

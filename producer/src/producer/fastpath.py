@@ -1,27 +1,25 @@
-"""``POST /orders`` without FastAPI's per-request machinery, for a request with nothing to refuse.
+"""``POST /orders`` without FastAPI's per-request machinery, for a request FastAPI would parse.
 
 FastAPI's middleware, routing, dependency solving and response model cost about half of the
 producer's CPU per accepted order (docs/performance-history.md). This ASGI middleware, the outermost
-of the app's own, answers a ``POST /orders`` itself when every check the route makes passes: a JSON
-body within the size limit that is a valid order, a valid ``Idempotency-Key`` or none, a known API
-key with budget left, and an outbox that is not overloaded. It then stores the order as the route
-does (``api.accept``) and answers the same 202.
+of the app's own, answers a ``POST /orders`` itself when the route would get a valid order: a JSON
+body within the size limit that is a valid ``NewOrder``, and a valid ``Idempotency-Key`` or none.
+It then admits it as the route does, with the same two calls: the key check every keyed route
+makes (``Guard.admit``: 401, 429) and the order's own (``api.accept``: 503 when overloaded, 422 for
+a reused key, else the order stored and the 202). A check added to either is made on both paths.
 
-Any request it does not take, it hands on, with the body it read, to FastAPI, whose route and
-handlers answer it exactly as they always have: every refusal keeps one source. A request it
-hands on has cost nothing: the rate limit's token is the last thing it takes.
+Any other request it hands on, with the body it read and before it spends any of the caller's
+budget, to FastAPI, whose validation answers it exactly as it always has.
 """
 
 import time
 
 import orjson
 from pydantic import TypeAdapter
-from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer import api, bodies, problems
-from producer.auth import Guard, presented_key
-from producer.metrics import Metrics
+from producer.services import Services
 from shared.messages import NewOrder
 
 PATH = "/orders"
@@ -30,8 +28,8 @@ _KEY: TypeAdapter[str] = TypeAdapter(api.Key)
 
 
 class SubmitFastPath:
-    def __init__(self, app: ASGIApp, state: State, max_body_bytes: int) -> None:
-        self.app, self.state, self.max_body_bytes = app, state, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
@@ -43,24 +41,27 @@ class SubmitFastPath:
             await self.app(scope, receive, send)  # refused unread
             return
         messages = await bodies.read_body(receive, self.max_body_bytes)
-        admitted = self._admit(headers, messages)
-        if admitted is None:
+        parsed = self._parse(headers, messages)
+        if parsed is None:
             await self.app(scope, bodies.replaying(messages, receive), send)
             return
+        services = Services.of(scope["app"])
         try:
-            response = api.accepted(await api.accept(self.state, *admitted))
+            services.guard.admit(headers.get(b"x-api-key"), headers.get(b"authorization"))
+            response = api.accepted(await api.accept(services, *parsed))
         except Exception as exc:
             response = problems.answer(exc, PATH)
         try:
             await response(scope, receive, send)
         finally:
-            metrics: Metrics = self.state.metrics
-            metrics.request(PATH, "POST", response.status_code, time.perf_counter() - started)
+            services.metrics.request(
+                PATH, "POST", response.status_code, time.perf_counter() - started
+            )
 
-    def _admit(
+    def _parse(
         self, headers: dict[bytes, str], messages: list[Message]
     ) -> tuple[NewOrder, str | None] | None:
-        """The order and its key, if the route would accept them; the caller's token is spent."""
+        """The order and its key, if FastAPI would find both valid."""
         if messages[-1]["type"] != "http.request" or messages[-1].get("more_body", False):
             return None
         body = b"".join(m.get("body", b"") for m in messages)
@@ -72,11 +73,6 @@ class SubmitFastPath:
             if key is not None:
                 _KEY.validate_python(key)
         except ValueError:  # orjson's and pydantic's errors both are
-            return None
-        guard: Guard = self.state.guard
-        presented = presented_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
-        name = guard.identify(presented) if presented else None
-        if name is None or self.state.backlog.overloaded or guard.take(name) > 0:
             return None
         return order, key
 

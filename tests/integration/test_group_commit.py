@@ -1,9 +1,9 @@
 """Group commit on the real database: batches of orders from two consumers at once.
 
 The consumer records attempts and reserves stock for many orders per transaction
-(shared/batch.py, ``reserve_orders`` in shared/db.py). Two consumers' batches contend for the
-same stock rows here, with duplicates inside and across batches: nothing deadlocks, no order
-reserves twice, and the stock adds up.
+(shared/batch.py, ``reserve_orders`` in shared/schema/0008_reserve_orders.sql). Two consumers'
+batches contend for the same stock rows here, with duplicates inside and across batches: nothing
+deadlocks, no order reserves twice, and the stock adds up.
 """
 
 import asyncio

@@ -119,10 +119,10 @@ class OrderHandler:
     async def _reserve(self, orders: Sequence[OrderMessage]) -> list[Outcome]:
         """Reserve every line of each order or none, and mark it final, in one transaction.
 
-        ``reserve_orders`` (shared/db.py) takes every lock of the batch first, in key order; each
-        order then either reserves everything and is marked completed, or is marked rejected with
-        the lines that are short. An order already final is left alone: that is what makes a
-        redelivery harmless.
+        ``reserve_orders`` (shared/schema/0008_reserve_orders.sql) takes every lock of the batch
+        first, in key order; each order then either reserves everything and is marked completed,
+        or is marked rejected with the lines that are short. An order already final is left
+        alone: that is what makes a redelivery harmless.
         """
         ids: list[UUID] = []
         skus: list[str] = []

@@ -116,8 +116,8 @@ class Bench:
             await pool.close()
         async with await aio_pika.connect(self.amqp_url) as connection:
             channel = await connection.channel()
-            await topology.declare(channel)
-            for queue in topology.QUEUES:
+            await topology.declare(channel, topology.Kind.CLASSIC)
+            for queue in topology.CLASSIC.queues:
                 await (await channel.get_queue(queue.name)).purge()
 
     async def seed_outbox(self, count: int, priority: int = 0) -> None:

@@ -118,6 +118,7 @@ COMPOSE_SETS = {
 }
 READERS = {"both": ("producer", "relay", "consumer"), "producer": ("producer", "relay")}
 READERS["consumer"] = ("consumer",)
+READERS["both, setup"] = (*READERS["both"], "setup")
 
 
 def readme_settings() -> dict[str, str]:

@@ -497,7 +497,7 @@ async def _drain(stack: Stack, load: Load, limit: float) -> float:
         channel = await connection.channel()
 
         async def empty() -> bool:
-            for queue in (topology.WORK, *topology.ORDER_LANE.retry_queues):
+            for queue in (topology.WORK, *topology.CLASSIC.orders.retry_queues):
                 declared = await channel.declare_queue(queue.name, passive=True)
                 if declared.declaration_result.message_count:
                     return False

@@ -2,6 +2,11 @@
 
 import asyncio
 import contextlib
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -11,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
+from yarl import URL
 
 from consumer.service import serve
 from producer import outbox
@@ -53,9 +59,40 @@ async def clean(rabbitmq_url: str, database_url: str) -> None:
         await pool.close()
     async with await aio_pika.connect(rabbitmq_url) as connection:
         channel = await connection.channel()
-        await topology.declare(channel)
-        for queue in topology.QUEUES:
+        await topology.declare(channel, topology.Kind.CLASSIC)
+        for queue in topology.CLASSIC.queues:
             await (await channel.get_queue(queue.name)).purge()
+
+
+def rabbitmqctl(*args: str) -> None:
+    """The broker behind RABBITMQ_URL, managed by RABBITMQCTL (default: the machine's)."""
+    ctl = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+    assert shutil.which(ctl[0]), (
+        "rabbitmqctl is needed to make the test's own vhosts and users"
+        " (scripts/rabbitmq4.sh, or apt-get install rabbitmq-server)"
+    )
+    subprocess.run([*ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def vhost(rabbitmq_url: str, name: str) -> AsyncIterator[str]:
+    """A vhost of the test's own, ``rabbitmq_url``'s user its operator; its URL."""
+    base = URL(rabbitmq_url)
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, base.user or "guest", ".*", ".*", ".*")
+        yield str(base.with_path(f"/{name}"))
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+async def quorum_url(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A vhost of the test's own holding the quorum kind's topology, as setup declares it."""
+    async with vhost(rabbitmq_url, f"quorum-{secrets.token_hex(4)}") as url:
+        async with await aio_pika.connect(url) as connection:
+            await topology.declare(await connection.channel(), topology.Kind.QUORUM)
+        yield url
 
 
 @pytest.fixture

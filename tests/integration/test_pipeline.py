@@ -276,13 +276,13 @@ async def test_a_round_claims_only_the_sources_that_are_due(
     publish_pending = relay.publish_pending
 
     async def recorded(channel: Any, sources: Sequence[Source]) -> None:
-        rounds.append([s.lane.exchange.name for s in sources])
+        rounds.append([s.lane for s in sources])
         await publish_pending(channel, sources)
 
     relay.publish_pending = recorded
     await asyncio.sleep(0.2)  # the first round, at connect, looked at every source
     rounds.clear()
-    orders, every = [ORDERS.lane.exchange.name], [s.lane.exchange.name for s in SOURCES]
+    orders, every = [ORDERS.lane], [s.lane for s in SOURCES]
     for _ in range(10):
         await submit(api, ("PEN-1", 1))
     await wait_until(lambda: _outbox_empty(conn), 10, "the orders to be published")

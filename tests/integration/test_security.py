@@ -2,12 +2,8 @@
 nothing more. Each test makes its own vhost, users and roles, and removes them afterwards."""
 
 import asyncio
-import os
 import secrets
-import shlex
-import shutil
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,19 +25,17 @@ from shared.settings import ConsumerSettings, ProducerSettings, SetupSettings
 from testbed.processes import API_KEY, AUTH
 from tests.deploy.test_secrets import load_make_secrets
 from tests.faults.nodes import RabbitNode
-from tests.integration.conftest import consuming, set_stock, settled, submit, wait_until
+from tests.integration.conftest import (
+    consuming,
+    rabbitmqctl,
+    set_stock,
+    settled,
+    submit,
+    wait_until,
+)
 from tests.integration.site import tree
 
 ROLES = ("producer", "consumer")
-
-
-def rabbitmqctl(*args: str) -> None:
-    """The broker behind RABBITMQ_URL, managed by RABBITMQCTL (default: the machine's)."""
-    ctl = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
-    assert shutil.which(ctl[0]), (
-        "rabbitmqctl is needed to make the test's own users (apt-get install rabbitmq-server)"
-    )
-    subprocess.run([*ctl, "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @dataclass
@@ -130,7 +124,9 @@ async def test_each_broker_user_can_do_only_its_part(broker: Broker, database: D
     await run_setup(broker, database)
     async with await aio_pika.connect(broker.urls["producer"]) as connection:
         channel = await connection.channel()
-        await topology.declare(channel, "producer")  # its exchanges, and checks of the rest
+        await topology.declare(
+            channel, topology.Kind.CLASSIC, "producer"
+        )  # its exchanges, and checks of the rest
         await (await channel.get_exchange("orders")).publish(
             aio_pika.Message(b"{}"), "order.created"
         )
@@ -149,7 +145,7 @@ async def test_each_broker_user_can_do_only_its_part(broker: Broker, database: D
 
     async with await aio_pika.connect(broker.urls["consumer"]) as connection:
         channel = await connection.channel()
-        await topology.declare(channel, "consumer")
+        await topology.declare(channel, topology.Kind.CLASSIC, "consumer")
         for exchange in ("orders.retry", "orders.dead", "crawls.retry", "crawls.dead"):
             await (await channel.get_exchange(exchange)).publish(aio_pika.Message(b"x"), "1s")
         message = await (await channel.get_queue(topology.WORK.name)).get(timeout=5)
@@ -332,11 +328,11 @@ async def test_the_generated_definitions_make_the_users_and_no_guest(tmp_path) -
         }
         operator = str(base.with_user("operator").with_password(passwords["operator"]))
         async with await aio_pika.connect(operator) as connection:
-            await topology.declare(await connection.channel())
+            await topology.declare(await connection.channel(), topology.Kind.CLASSIC)
         producer = str(base.with_user("producer").with_password(passwords["producer"]))
         async with await aio_pika.connect(producer) as connection:
             channel = await connection.channel()
-            await topology.declare(channel, "producer")
+            await topology.declare(channel, topology.Kind.CLASSIC, "producer")
             assert "ACCESS_REFUSED" in await refused(
                 (await channel.get_queue(topology.WORK.name)).consume(_ignore)
             )
@@ -458,7 +454,7 @@ async def test_a_consumer_cannot_create_an_order_through_a_retry_queue(
             headers=headers,
             **ORDER,
         )
-    letters = await deployed.dead_letters(topology.ORDER_LANE, 3)
+    letters = await deployed.dead_letters(topology.CLASSIC.orders, 3)
     assert set(letters) == {str(i) for i in forged}
     for headers in letters.values():
         assert headers["error-type"] == "Unrecognised"
@@ -486,7 +482,7 @@ async def test_a_consumer_cannot_change_what_an_order_reserves(deployed: Deploye
         headers={"attempt": 2},
         **ORDER,
     )
-    letters = await deployed.dead_letters(topology.ORDER_LANE, 1)
+    letters = await deployed.dead_letters(topology.CLASSIC.orders, 1)
     assert letters[str(order_id)]["error-type"] == "Unrecognised"
     row = await deployed.conn.fetchrow(
         "SELECT status, attempts FROM orders WHERE id = $1", order_id
@@ -529,7 +525,7 @@ async def test_a_consumer_can_only_duplicate_an_order_and_a_duplicate_changes_no
 async def _work_queue_empty(deployed: Deployed) -> bool:
     async with await aio_pika.connect(deployed.broker.admin) as connection:
         channel = await connection.channel()
-        queues = [topology.WORK.name, *(q.name for q in topology.ORDER_LANE.retry_queues)]
+        queues = [topology.WORK.name, *(q.name for q in topology.CLASSIC.orders.retry_queues)]
         for name in queues:
             declared = await channel.declare_queue(name, passive=True)
             if declared.declaration_result.message_count:
@@ -572,7 +568,7 @@ async def test_a_consumer_cannot_create_or_redirect_a_crawl_task(deployed: Deplo
             type="crawl.task",
             headers={"attempt": 2},
         )
-    letters = await deployed.dead_letters(topology.CRAWL_LANE, 2)
+    letters = await deployed.dead_letters(topology.CLASSIC.crawls, 2)
     assert set(letters) == {str(p) for p in tasks}
     assert {h["error-type"] for h in letters.values()} == {"Unrecognised"}
     pages = await deployed.conn.fetch("SELECT id, status, attempts FROM crawl_pages")
@@ -587,9 +583,9 @@ async def test_a_dead_letter_naming_no_order_is_never_replayed(
     await deployed.publish(
         "consumer", "orders.dead", "", an_order(forged), message_id=str(forged), **ORDER
     )
-    await deployed.dead_letters(topology.ORDER_LANE, 1)
+    await deployed.dead_letters(topology.CLASSIC.orders, 1)
     assert await dlq.command(deployed.operator, "replay", every=True) == 1
     assert f"naming nothing the database holds: {forged}" in capsys.readouterr().err
-    assert set(await deployed.dead_letters(topology.ORDER_LANE, 1)) == {str(forged)}
+    assert set(await deployed.dead_letters(topology.CLASSIC.orders, 1)) == {str(forged)}
     await asyncio.sleep(1)  # nothing reached the work queue to be created
     assert await deployed.conn.fetchval("SELECT count(*) FROM orders") == 0

@@ -1,5 +1,6 @@
 """The message contract and the topology, without a broker."""
 
+import re
 import time
 import uuid
 from typing import Any
@@ -223,24 +224,24 @@ def test_forward_keeps_priority_and_identity_and_replaces_headers() -> None:
 
 
 def test_topology_binds_every_queue_and_uses_classic_priority_queue() -> None:
-    bound = {b.queue.name for b in topology.BINDINGS}
-    assert bound == {q.name for q in topology.QUEUES}
+    bound = {b.queue.name for b in topology.CLASSIC.bindings}
+    assert bound == {q.name for q in topology.CLASSIC.queues}
     assert topology.WORK.arguments["x-max-priority"] == 9
-    assert all(q.arguments["x-queue-type"] == "classic" for q in topology.QUEUES)
+    assert all(q.arguments["x-queue-type"] == "classic" for q in topology.CLASSIC.queues)
 
 
 @pytest.mark.parametrize(
     ("lane", "exchange", "routing_key"),
     [
-        (topology.ORDER_LANE, "orders", "order.created"),
-        (topology.CRAWL_LANE, "crawls", "crawl.task"),
+        (topology.CLASSIC.orders, "orders", "order.created"),
+        (topology.CLASSIC.crawls, "crawls", "crawl.task"),
     ],
 )
 def test_each_retry_queue_dead_letters_back_to_its_lane(
     lane: topology.Lane, exchange: str, routing_key: str
 ) -> None:
-    assert lane.work.name == f"{exchange}.work"
-    assert lane.work.arguments["x-dead-letter-exchange"] == f"{exchange}.dead"
+    assert [q.name for q in lane.work] == [f"{exchange}.work"]
+    assert lane.work[0].arguments["x-dead-letter-exchange"] == f"{exchange}.dead"
     for delay, queue in zip(topology.RETRY_DELAYS_MS, lane.retry_queues, strict=True):
         assert queue.arguments["x-message-ttl"] == delay
         assert queue.arguments["x-dead-letter-exchange"] == exchange
@@ -254,3 +255,48 @@ def test_each_retry_queue_dead_letters_back_to_its_lane(
 )
 def test_retry_level_rounds_down_to_a_declared_delay(delay: float, level: int) -> None:
     assert topology.retry_level(delay) == level
+
+
+def test_the_quorum_kind_has_a_quorum_queue_per_priority_the_highest_first() -> None:
+    orders = topology.QUORUM.orders
+    assert [b.priorities for b in orders.bands] == [range(p, p + 1) for p in range(9, -1, -1)]
+    assert [b.queue.name for b in orders.bands][:2] == [
+        "orders.quorum.work.9",
+        "orders.quorum.work.8",
+    ]
+    for band in orders.bands:
+        assert band.routing_key == f"order.created.{band.priorities[0]}"
+        assert band.queue.arguments == {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": "orders.dead",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": topology.DELIVERY_LIMIT,
+        }
+    assert orders.band(7).queue.name == "orders.quorum.work.7"
+    assert orders.band(None) is orders.band(0)  # the contract's default priority
+    assert orders.band(42) is orders.band(9)
+
+
+def test_the_quorum_kind_routes_the_contracts_key_and_retries_by_band() -> None:
+    orders = topology.QUORUM.orders
+    keys = {(b.exchange.name, b.routing_key): b.queue.name for b in orders.bindings}
+    assert keys[("orders", "order.created")] == "orders.quorum.work.0"
+    assert keys[("orders", "order.created.9")] == "orders.quorum.work.9"
+    for delay, queue in zip(topology.RETRY_DELAYS_MS, orders.retry_queues, strict=True):
+        # No dead-letter routing key: back with the routing keys it came with, CC included.
+        assert "x-dead-letter-routing-key" not in queue.arguments
+        assert queue.arguments["x-dead-letter-exchange"] == "orders"
+        assert queue.arguments["x-message-ttl"] == delay
+        assert queue.arguments["x-dead-letter-strategy"] == "at-least-once"
+    # Listing dead letters returns them; that must never drop one.
+    assert orders.dead_letters.arguments == {"x-queue-type": "quorum", "x-delivery-limit": -1}
+
+
+def test_the_kinds_share_exchanges_and_never_a_queue_name() -> None:
+    classic, quorum = topology.CLASSIC, topology.QUORUM
+    assert classic.exchanges == quorum.exchanges
+    assert not {q.name for q in classic.queues} & {q.name for q in quorum.queues}
+    read = re.compile(topology.PERMISSIONS["consumer"].read)
+    assert all(read.fullmatch(q.name) for t in (classic, quorum) for q in t.orders.work)
+    assert topology.of("quorum") is quorum

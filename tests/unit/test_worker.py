@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from consumer.delivery import Delivery
 from consumer.metrics import Metrics
-from consumer.worker import Worker, _Lane
+from consumer.worker import Worker, _Lane, prefetch
 from shared import messages, topology
 from shared.errors import (
     InvalidMessage,
@@ -26,7 +26,7 @@ MAX_ATTEMPTS = 3
 
 
 class Handler:
-    lane = topology.ORDER_LANE
+    lane = topology.CLASSIC.orders
     noun = "order"
     subject = "order_id"
     concurrency = prefetch = 1
@@ -160,3 +160,24 @@ async def test_an_attempt_past_its_handler_s_timeout_says_so_and_no_other_timeou
     settled = lane(error)
     await handle(settled, 1)
     assert settled.handler.errors == [reason]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", list(topology.Kind))
+async def test_a_retry_carries_its_band_in_cc(kind: topology.Kind) -> None:
+    """On the quorum kind the retry queue sends it back with that key: to its band."""
+    retrying = lane(PaymentUnavailable("gateway"))
+    retrying.handler.lane = topology.of(kind).orders  # type: ignore[misc]
+    await handle(retrying, 1)
+    [(message, _)] = retrying.retry.published  # type: ignore[attr-defined]
+    assert (message.headers or {})["CC"] == [topology.of(kind).orders.band(4).routing_key]
+    assert message.priority == 4
+
+
+def test_a_band_holds_a_delivery_more_than_its_runners_take() -> None:
+    handler = Handler(None)
+    handler.prefetch, handler.concurrency = 1, 4  # type: ignore[misc]
+    assert prefetch(handler) == 1  # the classic kind: PREFETCH as set
+    handler.lane = topology.QUORUM.orders  # type: ignore[misc]
+    assert prefetch(handler) == 5
+    handler.prefetch = 16  # type: ignore[misc]
+    assert prefetch(handler) == 16

@@ -151,7 +151,7 @@ def queues(
     async def sample() -> list[tuple[str, int, int, float]]:
         async def depths(channel: Any) -> dict[str, tuple[int, int]]:
             found = {}
-            for q in topology.QUEUES:
+            for q in topology.of(settings.queue_kind).queues:
                 result = (await channel.declare_queue(q.name, passive=True)).declaration_result
                 found[q.name] = (result.message_count or 0, result.consumer_count or 0)
             return found

@@ -3,6 +3,7 @@
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import urllib.request
@@ -12,7 +13,10 @@ import uvloop
 from consumer import dlq
 from consumer.service import serve
 from shared import logs
+from shared.errors import Misconfigured
 from shared.settings import ConsumerSettings
+
+log = logging.getLogger("consumer")
 
 
 async def _work(settings: ConsumerSettings) -> None:
@@ -68,22 +72,26 @@ def main() -> None:
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "health":
         sys.exit(0 if healthy(settings.metrics_port) else 1)
-    if args.command == "dlq":
-        sys.exit(
-            uvloop.run(
-                dlq.command(
-                    settings,
-                    args.action,
-                    message_id=getattr(args, "message_id", None),
-                    message_ids=getattr(args, "message_ids", []),
-                    every=getattr(args, "all", False),
-                    yes=getattr(args, "yes", False),
-                    limit=args.limit,
-                    lane=args.lane,
+    try:
+        if args.command == "dlq":
+            sys.exit(
+                uvloop.run(
+                    dlq.command(
+                        settings,
+                        args.action,
+                        message_id=getattr(args, "message_id", None),
+                        message_ids=getattr(args, "message_ids", []),
+                        every=getattr(args, "all", False),
+                        yes=getattr(args, "yes", False),
+                        limit=args.limit,
+                        lane=args.lane,
+                    )
                 )
             )
-        )
-    uvloop.run(_work(settings))
+        uvloop.run(_work(settings))
+    except Misconfigured as exc:
+        log.critical("%s", exc, extra=logs.event("misconfigured"))
+        sys.exit(2)
 
 
 if __name__ == "__main__":

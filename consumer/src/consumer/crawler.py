@@ -89,14 +89,19 @@ CLOSE_IF_DONE = """
 class CrawlHandler:
     """The ``crawls`` lane: each crawl task waits in the window by its crawl's frontier order."""
 
-    lane = topology.CRAWL_LANE
     noun = "crawl task"
     subject = "page_id"
 
     def __init__(
-        self, pool: asyncpg.Pool, settings: CrawlerSettings, metrics: Metrics, fetcher: Fetcher
+        self,
+        pool: asyncpg.Pool,
+        settings: CrawlerSettings,
+        metrics: Metrics,
+        fetcher: Fetcher,
+        lane: topology.Lane,
     ) -> None:
         self.pool, self.settings, self.metrics, self.fetcher = pool, settings, metrics, fetcher
+        self.lane = lane  # the deployment's kind's ``crawls``
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.task_timeout
 

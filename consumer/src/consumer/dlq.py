@@ -1,9 +1,10 @@
 """Inspect and replay the dead-letter queues: ``python -m consumer dlq list|show|replay|purge``.
 
-Each lane has its own (``--lane orders``, the default: ``orders.dead``; ``--lane crawls``:
-``crawls.dead``). Browsing takes messages without acking them and closes the channel
-afterwards, which puts every message back; replay is a confirmed publish to the lane's work
-exchange with a fresh attempt count, then the ack of the dead letter; a dead letter that names no
+Each lane has its own (``--lane orders``, the default: ``orders.dead``, or ``orders.quorum.dead``
+on the quorum kind; ``--lane crawls``: ``crawls.dead``, ``crawls.quorum.dead``). Browsing takes
+messages without acking them and closes the channel afterwards, which puts every message back;
+replay is a confirmed publish to the lane's work exchange, with the routing key of its priority's
+band and a fresh attempt count, then the ack of the dead letter; a dead letter that names no
 order or crawl page the database holds is never replayed.
 """
 
@@ -20,13 +21,14 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from shared import amqp, messages, topology
 from shared.settings import ConsumerSettings
 
-LANES = {lane.exchange.name: lane for lane in topology.LANES}  # orders, crawls
+LANES = ("orders", "crawls")  # each kind's lanes, by name (``Topology.lane``)
 
 DROP_ON_REPLAY = (
     messages.ERROR_TYPE,
     messages.ERROR_MESSAGE,
     messages.FIRST_FAILURE_AT,
     messages.LAST_FAILURE_AT,
+    "CC",  # a retry's band (worker): replay routes by the band of its priority
 )
 
 
@@ -64,7 +66,7 @@ async def _dead_letters(
     """Up to ``limit`` dead letters, held unacked; any not acked go back when this exits."""
     async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
         channel = await connection.channel(publisher_confirms=False)
-        await topology.declare(channel)
+        await topology.declare(channel, settings.queue_kind)
         queue = await channel.get_queue(lane.dead_letters.name, ensure=False)
         yield [DeadLetter(m) for m in await _take(queue, limit)]
 
@@ -80,7 +82,7 @@ async def _take(queue: AbstractQueue, limit: int) -> list[AbstractIncomingMessag
 
 
 async def list_dead(
-    settings: ConsumerSettings, limit: int, lane: topology.Lane = topology.ORDER_LANE
+    settings: ConsumerSettings, limit: int, lane: topology.Lane
 ) -> list[dict[str, Any]]:
     async with _dead_letters(settings, lane, limit) as letters:
         return [d.summary() for d in letters]
@@ -90,7 +92,7 @@ async def show_dead(
     settings: ConsumerSettings,
     message_id: str,
     limit: int,
-    lane: topology.Lane = topology.ORDER_LANE,
+    lane: topology.Lane,
 ) -> dict[str, Any] | None:
     async with _dead_letters(settings, lane, limit) as letters:
         return next((d.detail() for d in letters if d.message.message_id == message_id), None)
@@ -100,18 +102,18 @@ async def show_dead(
 # holds. Anyone who may publish to a dead-letter exchange (a consumer) can put a message there;
 # replaying it must not create work that nobody submitted (docs/security.md).
 KNOWN = {
-    topology.ORDER_LANE.exchange.name: "SELECT EXISTS (SELECT FROM orders WHERE id = $1)",
-    topology.CRAWL_LANE.exchange.name: "SELECT EXISTS (SELECT FROM crawl_pages WHERE id = $1)",
+    "orders": "SELECT EXISTS (SELECT FROM orders WHERE id = $1)",
+    "crawls": "SELECT EXISTS (SELECT FROM crawl_pages WHERE id = $1)",
 }
 # What replay resets, by lane: the order goes back to ``accepted``; the crawl page to
 # ``queued`` and its crawl, if it had completed, to ``running``.
 REOPEN = {
-    topology.ORDER_LANE.exchange.name: [
+    "orders": [
         """UPDATE orders SET status = 'accepted', reason = NULL, attempts = 0,
                              next_attempt_at = NULL, updated_at = clock_timestamp()
            WHERE id = $1 AND status = 'failed'"""
     ],
-    topology.CRAWL_LANE.exchange.name: [
+    "crawls": [
         """UPDATE crawls SET status = 'running', finished_at = NULL, updated_at = clock_timestamp()
            WHERE status = 'completed'
              AND id = (SELECT crawl_id FROM crawl_pages WHERE id = $1 AND status = 'failed')""",
@@ -131,7 +133,7 @@ async def replay(
     settings: ConsumerSettings,
     select: Callable[[DeadLetter], bool],
     limit: int,
-    lane: topology.Lane = topology.ORDER_LANE,
+    lane: topology.Lane,
 ) -> Replayed:
     """Send the selected dead letters back to work; what they stand for is reopened. A dead
     letter that names no order (or crawl page) the database holds stays where it is."""
@@ -160,7 +162,7 @@ async def replay(
                 await amqp.publish(
                     exchange,
                     messages.forward(message, headers),
-                    lane.routing_key,
+                    lane.band(message.priority).routing_key,
                     settings.publish_timeout,
                 )
                 await message.ack()
@@ -170,11 +172,11 @@ async def replay(
     return result
 
 
-async def purge(settings: ConsumerSettings, lane: topology.Lane = topology.ORDER_LANE) -> int:
+async def purge(settings: ConsumerSettings, lane: topology.Lane) -> int:
     """Drop every dead letter; what they stand for stays ``failed``."""
     async with await amqp.connect(settings.rabbitmq_url, "dlq-tool") as connection:
         channel = await connection.channel(publisher_confirms=False)
-        await topology.declare(channel)
+        await topology.declare(channel, settings.queue_kind)
         queue = await channel.get_queue(lane.dead_letters.name, ensure=False)
         result = await queue.purge()
         return int(result.message_count or 0)
@@ -199,7 +201,7 @@ async def command(
     if lane not in LANES:
         print(f"unknown lane {lane!r}: choose {' or '.join(LANES)}", file=sys.stderr)
         return 2
-    chosen = LANES[lane]
+    chosen = topology.of(settings.queue_kind).lane(lane)
     if action == "list":
         rows = await list_dead(settings, limit, chosen)
         for row in rows:

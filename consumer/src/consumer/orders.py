@@ -61,12 +61,12 @@ START = f"""
 class OrderHandler:
     """The ``orders`` lane: the most urgent order in the window runs first."""
 
-    lane = topology.ORDER_LANE
     noun = "order"
     subject = "order_id"
 
     def __init__(self, pool: asyncpg.Pool, settings: ConsumerSettings, metrics: Metrics) -> None:
         self.pool, self.settings, self.metrics = pool, settings, metrics
+        self.lane = topology.of(settings.queue_kind).orders
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
         # The runners' statements go to PostgreSQL in batches: two commits per batch, not per

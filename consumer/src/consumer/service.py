@@ -9,7 +9,7 @@ from consumer.fetcher import Fetcher
 from consumer.metrics import Metrics
 from consumer.orders import OrderHandler
 from consumer.worker import Handler, Worker
-from shared import db
+from shared import db, topology
 from shared.metrics import serving_metrics
 from shared.settings import ConsumerSettings
 
@@ -31,6 +31,7 @@ async def serve(settings: ConsumerSettings, stop: asyncio.Event) -> None:
                         settings.crawler,
                         Metrics.create(registry, "crawl_task", "crawl_tasks"),
                         fetcher,
+                        topology.of(settings.queue_kind).crawls,
                     ),
                 ]
                 consuming = Gauge(

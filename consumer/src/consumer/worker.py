@@ -47,6 +47,15 @@ def retry_delay_ms(
     return topology.retry_level(ceiling / 2 + rand() * ceiling / 2)
 
 
+def prefetch(handler: "Handler") -> int:
+    """Each of the handler's consumers' prefetch: its own; with bands (the quorum kind), enough
+    that a band with a backlog always has a delivery waiting in the window while every runner is
+    busy, or a runner that finishes one takes a lower band's before its band's next arrives."""
+    if len(handler.lane.bands) == 1:
+        return handler.prefetch
+    return max(handler.prefetch, handler.concurrency + 1)
+
+
 class Handler(Protocol):
     """What one lane's work means; the worker does the acking, retrying and dead-lettering."""
 
@@ -82,7 +91,7 @@ class _Lane:
     dead: AbstractExchange
     window: Window = field(default_factory=Window)
     acks: Acks = field(default_factory=Acks)
-    tag: str = ""
+    tags: list[str] = field(default_factory=list)  # a consumer per band, the highest first
     busy: int = 0  # deliveries being handled now
 
     def __post_init__(self) -> None:
@@ -112,24 +121,24 @@ class Worker:
             lanes: list[_Lane] = []
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 publisher = await amqp.confirmed_channel(publishing)
-                await topology.declare(publisher, "consumer")
+                await topology.declare(publisher, self.settings.queue_kind, "consumer")
                 for handler in self.handlers:
                     channel = await consuming.channel(publisher_confirms=False)
-                    await channel.set_qos(prefetch_count=handler.prefetch)
+                    await channel.set_qos(prefetch_count=prefetch(handler))
                     lane = _Lane(
                         handler,
                         channel,
                         await publisher.get_exchange(handler.lane.retry.name, ensure=False),
                         await publisher.get_exchange(handler.lane.dead.name, ensure=False),
                     )
-                    lane.tag = await amqp.consume(
-                        channel,
-                        handler.lane.work.name,
-                        _receiver(lane),
-                        self.settings.amqp_fast_path,
-                    )
+                    for queue in handler.lane.work:
+                        lane.tags.append(
+                            await amqp.consume(
+                                channel, queue.name, _receiver(lane), self.settings.amqp_fast_path
+                            )
+                        )
                     lanes.append(lane)
-            queues = [ln.handler.lane.work.name for ln in lanes]
+            queues = [q.name for ln in lanes for q in ln.handler.lane.work]
             log.info(
                 "consuming %s from %s",
                 ", ".join(queues),
@@ -158,7 +167,8 @@ class Worker:
                     if not lane.channel.is_closed:
                         with contextlib.suppress(Exception):  # closing cancels it anyway
                             underlay = await lane.channel.get_underlay_channel()
-                            await underlay.basic_cancel(lane.tag, timeout=amqp.SETUP_TIMEOUT)
+                            for tag in lane.tags:
+                                await underlay.basic_cancel(tag, timeout=amqp.SETUP_TIMEOUT)
             await self._drain(lanes, runners)
             if not stop.is_set():
                 raise ConnectionError("broker connection lost")
@@ -234,7 +244,13 @@ class Worker:
             delay,
         )
         await _best_effort(lane.handler.retrying(message, error, delay))
-        headers = {messages.ATTEMPT: attempt + 1, **_failure_headers(message, exc)}
+        headers = {
+            messages.ATTEMPT: attempt + 1,
+            **_failure_headers(message, exc),
+            # Where the retry queue sends it back when its delay ends, on the quorum kind (whose
+            # retry queues keep a message's routing keys): its band.
+            "CC": [lane.handler.lane.band(message.priority).routing_key],
+        }
         lane.handler.metrics.retries.inc()
         await self._move(lane, message, lane.retry, headers, topology.delay_name(delay))
 

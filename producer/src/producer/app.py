@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app(settings)``, whose lifespan opens the ``Services``."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 
 from fastapi import Depends, FastAPI
@@ -14,13 +14,18 @@ from producer.fastpath import SubmitFastPath
 from producer.metrics import Metrics, RequestMetrics
 from producer.services import Services, require_key
 from shared import db
+from shared.errors import Misconfigured
 from shared.settings import ProducerSettings
 
 # Seeded with DEMO_CATALOGUE=true so the README's curl works right after `make up`.
 DEMO_CATALOGUE = {"BOOK-1": 1_000, "BOOK-2": 1_000, "MUG-1": 500, "PEN-1": 5_000, "TSHIRT-M": 200}
 
 
-def create_app(settings: ProducerSettings) -> FastAPI:
+def create_app(
+    settings: ProducerSettings, misconfigured: Callable[[Misconfigured], None] = lambda _: None
+) -> FastAPI:
+    """The API; its backlog and inline relay call ``misconfigured`` (after logging why) if the
+    broker's queues are not of ``QUEUE_KIND``: ``python -m producer`` then stops."""
     metrics, guard = Metrics.create(), Guard(settings)
 
     @asynccontextmanager
@@ -32,9 +37,12 @@ def create_app(settings: ProducerSettings) -> FastAPI:
                 await store.add_stock_once(pool, DEMO_CATALOGUE.items())
             # The relay here, or in ``python -m producer relay``; either is woken by NOTIFY.
             relaying = (
-                outbox.running(pool, settings, metrics) if settings.relay_inline else nullcontext()
+                outbox.running(pool, settings, metrics, misconfigured)
+                if settings.relay_inline
+                else nullcontext()
             )
-            async with backlog.watching(pool, settings, metrics) as watched, relaying as relay:
+            watching = backlog.watching(pool, settings, metrics, misconfigured)
+            async with watching as watched, relaying as relay:
                 app.state.services = Services(
                     settings, metrics, guard, pool, watched, store.submitter(pool), relay
                 )

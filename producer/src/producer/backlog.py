@@ -14,7 +14,8 @@ import asyncpg
 from aio_pika.abc import AbstractConnection, AbstractQueue
 
 from producer.metrics import Metrics
-from shared import amqp, topology
+from shared import amqp, logs, topology
+from shared.errors import Misconfigured
 from shared.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,15 @@ READ_TIMEOUT = 5.0  # seconds: a broker that does not answer counts as unreachab
 class Backlog:
     """The outbox's and the queues' depths, kept fresh by ``run``; ``connected``: /readyz."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
-        self._pool, self._settings = pool, settings
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: ProducerSettings,
+        metrics: Metrics,
+        misconfigured: Callable[[Misconfigured], None],
+    ) -> None:
+        self._pool, self._settings, self._misconfigured = pool, settings, misconfigured
+        self._topology = topology.of(settings.queue_kind)
         self._stopping = asyncio.Event()
         self.connected = False
         self.outbox_depth = 0
@@ -35,8 +43,9 @@ class Backlog:
 
     @property
     def queue_depth(self) -> int | None:
-        """Messages ready in the work queue, or None when unknown."""
-        return self.depths.get(topology.WORK.name)
+        """Messages ready in the order lane's work queues, or None when unknown."""
+        work = [self.depths.get(q.name) for q in self._topology.orders.work]
+        return None if None in work else sum(w or 0 for w in work)
 
     @property
     def overloaded(self) -> bool:
@@ -50,6 +59,9 @@ class Backlog:
         counting = asyncio.create_task(self._count_outbox())
         try:
             await amqp.reconnecting(self._watch, self._stopping, "backlog")
+        except Misconfigured as exc:  # retrying cannot help: say why, and let the owner stop
+            log.critical("%s", exc, extra=logs.event("misconfigured"))
+            self._misconfigured(exc)
         finally:
             counting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,9 +96,9 @@ class Backlog:
         try:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await connection.channel(publisher_confirms=False)
-                await topology.declare(channel, "producer")
+                await topology.declare(channel, self._settings.queue_kind, "producer")
                 return connection, [
-                    await channel.get_queue(q.name, ensure=False) for q in topology.QUEUES
+                    await channel.get_queue(q.name, ensure=False) for q in self._topology.queues
                 ]
         except BaseException:
             await _close(connection)
@@ -101,10 +113,14 @@ async def _close(connection: AbstractConnection | None) -> None:
 
 @contextlib.asynccontextmanager
 async def watching(
-    pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics
+    pool: asyncpg.Pool,
+    settings: ProducerSettings,
+    metrics: Metrics,
+    misconfigured: Callable[[Misconfigured], None],
 ) -> AsyncIterator[Backlog]:
-    """A backlog kept fresh while the block runs; on leaving, it stops at once."""
-    backlog = Backlog(pool, settings, metrics)
+    """A backlog kept fresh while the block runs; on leaving, it stops at once. It calls
+    ``misconfigured`` if the broker's queues are not of ``QUEUE_KIND``."""
+    backlog = Backlog(pool, settings, metrics, misconfigured)
     task = asyncio.create_task(backlog.run(), name="backlog")
     try:
         yield backlog

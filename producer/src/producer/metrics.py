@@ -45,7 +45,9 @@ class Metrics:
                 "outbox_backlog", "Orders awaiting publication", registry=registry
             ),
             queue_depth=Gauge(
-                "work_queue_depth", "Messages ready in orders.work", registry=registry
+                "work_queue_depth",
+                "Messages ready in the order lane's work queues",
+                registry=registry,
             ),
             confirm_seconds=Histogram(
                 "outbox_publish_confirm_seconds",

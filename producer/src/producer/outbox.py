@@ -35,6 +35,7 @@ from aio_pika.abc import AbstractChannel
 
 from producer.metrics import Metrics
 from shared import amqp, db, logs, topology
+from shared.errors import Misconfigured
 from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
 from shared.metrics import serving_metrics
 from shared.settings import ProducerSettings
@@ -46,14 +47,14 @@ log = logging.getLogger(__name__)
 class Source:
     """Rows to publish to a lane: how to claim them, encode one, and forget the confirmed."""
 
-    lane: topology.Lane
+    lane: str  # the lane's name: ``orders``, ``crawls`` (``Topology.lane``)
     claim: str  # $1: how many; the first column is the row's key
     encode: Callable[[dict[str, Any]], Outgoing]
     forget: str  # $1: the keys of the confirmed rows
 
 
 ORDERS = Source(
-    topology.ORDER_LANE,
+    "orders",
     """SELECT o.id, o.customer_id, o.items, o.priority
        FROM outbox b JOIN orders o ON o.id = b.order_id
        ORDER BY b.priority DESC, b.seq
@@ -64,7 +65,7 @@ ORDERS = Source(
 )
 # In the order pages were found: a FIFO crawl's tasks reach the broker breadth-first.
 CRAWL_TASKS = Source(
-    topology.CRAWL_LANE,
+    "crawls",
     """SELECT p.id AS page_id, p.crawl_id, p.url, p.depth, c.frontier
        FROM crawl_pages p JOIN crawls c ON c.id = p.crawl_id
        WHERE p.unpublished
@@ -82,8 +83,16 @@ PUBLISHERS = 2  # rounds in flight at once behind a backlog; one otherwise
 class Relay:
     """Moves orders from the outbox to the ``orders`` exchange, crawl pages to ``crawls``."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: ProducerSettings,
+        metrics: Metrics,
+        misconfigured: Callable[[Misconfigured], None],
+    ) -> None:
         self._pool, self._settings, self._metrics = pool, settings, metrics
+        self._misconfigured = misconfigured
+        self._topology = topology.of(settings.queue_kind)
         self._wake = asyncio.Event()
         self._due: set[Source] = set()  # what the next round looks at
         self._next_sweep = 0.0  # monotonic time when every source is due again
@@ -106,6 +115,9 @@ class Relay:
         listener = asyncio.create_task(self._listen(), name="outbox-listener")
         try:
             await amqp.reconnecting(self._session, self._stopping, "outbox relay")
+        except Misconfigured as exc:  # retrying cannot help: say why, and let the owner stop
+            log.critical("%s", exc, extra=logs.event("misconfigured"))
+            self._misconfigured(exc)
         finally:
             listener.cancel()
 
@@ -156,13 +168,8 @@ class Relay:
             if self._behind:
                 self.wake(source)  # there may be more: another publisher claims them meanwhile
             started = time.perf_counter()
-            results = await amqp.publish_all(
-                channel,
-                source.lane.exchange.name,
-                [source.encode(row) for row in rows],
-                source.lane.routing_key,
-                self._settings.publish_timeout,
-                self._settings.amqp_fast_path,
+            results = await self._publish_by_band(
+                channel, self._topology.lane(source.lane), [source.encode(row) for row in rows]
             )
             self._metrics.confirm_seconds.observe(time.perf_counter() - started)
             confirmed = [
@@ -173,11 +180,39 @@ class Relay:
         if failure is not None:
             raise failure
 
+    async def _publish_by_band(
+        self, channel: AbstractChannel, lane: topology.Lane, outgoing: list[Outgoing]
+    ) -> list[BaseException | None]:
+        """Publish each message with its band's routing key (one band on the classic kind),
+        the bands' rounds at once; each message's confirm, or why it has none."""
+        bands: dict[str, list[int]] = {}
+        for i, message in enumerate(outgoing):
+            bands.setdefault(lane.band(message.properties.priority).routing_key, []).append(i)
+        s = self._settings
+        rounds = await asyncio.gather(
+            *(
+                amqp.publish_all(
+                    channel,
+                    lane.exchange.name,
+                    [outgoing[i] for i in indices],
+                    key,
+                    s.publish_timeout,
+                    s.amqp_fast_path,
+                )
+                for key, indices in bands.items()
+            )
+        )
+        results: list[BaseException | None] = [None] * len(outgoing)
+        for indices, confirms in zip(bands.values(), rounds, strict=True):
+            for i, confirm in zip(indices, confirms, strict=True):
+                results[i] = confirm
+        return results
+
     async def _publishing(self, connected: Callable[[], None]) -> None:
         async with await amqp.connect(self._settings.rabbitmq_url, "producer") as connection:
             async with asyncio.timeout(amqp.SETUP_TIMEOUT):
                 channel = await amqp.confirmed_channel(connection)
-                await topology.declare(channel, "producer")
+                await topology.declare(channel, self._settings.queue_kind, "producer")
             lost = asyncio.ensure_future(amqp.until_closed(connection, channel))
             self._next_sweep = 0.0  # sweep at once: rows may have been left while disconnected
             self.connected = True
@@ -254,10 +289,14 @@ class Relay:
 
 @contextlib.asynccontextmanager
 async def running(
-    pool: asyncpg.Pool, settings: ProducerSettings, metrics: Metrics
+    pool: asyncpg.Pool,
+    settings: ProducerSettings,
+    metrics: Metrics,
+    misconfigured: Callable[[Misconfigured], None],
 ) -> AsyncIterator[Relay]:
-    """A relay at work while the block runs; on leaving, its rounds in flight finish first."""
-    relay = Relay(pool, settings, metrics)
+    """A relay at work while the block runs; on leaving, its rounds in flight finish first. It
+    calls ``misconfigured`` (and stops) if the broker's queues are not of ``QUEUE_KIND``."""
+    relay = Relay(pool, settings, metrics, misconfigured)
     task = asyncio.create_task(relay.run(), name="outbox-relay")
     try:
         yield relay
@@ -284,7 +323,15 @@ async def serve(settings: ProducerSettings, stop: asyncio.Event) -> None:
         pool = await db.create_pool(settings.database_url, PUBLISHERS)
         try:
             await db.migrate(pool, settings.startup_timeout)
-            async with running(pool, settings, metrics):
+            found: list[Misconfigured] = []
+
+            def misconfigured(exc: Misconfigured) -> None:
+                found.append(exc)
+                stop.set()
+
+            async with running(pool, settings, metrics, misconfigured):
                 await stop.wait()
+            if found:
+                raise found[0]
         finally:
             await pool.close()

@@ -14,6 +14,7 @@ from aiormq.exceptions import DeliveryError, PublishError
 from yarl import URL
 
 from shared import aiormq_private, logs
+from shared.errors import Misconfigured
 from shared.messages import Outgoing
 
 CONNECT_TIMEOUT = 10.0
@@ -49,8 +50,8 @@ async def reconnecting(
 
     The one reconnect loop of every long-running client (consumer, relay, the API's backlog): a
     session that fails is logged and started again after a pause that doubles from 0.5 s up to
-    10 s. ``session`` calls the function it is given once it is connected, which starts the
-    pauses at 0.5 s again."""
+    10 s, unless it raises ``Misconfigured``. ``session`` calls the function it is given once it
+    is connected, which starts the pauses at 0.5 s again."""
     delay = RECONNECT_FIRST
 
     def connected() -> None:
@@ -60,6 +61,8 @@ async def reconnecting(
     while not stop.is_set():
         try:
             await session(connected)
+        except Misconfigured:
+            raise  # a reconnect would fail the same way
         except Exception as exc:
             log.warning(
                 "%s: broker unavailable (%r); reconnecting in %.1fs",

@@ -1,6 +1,7 @@
 """The errors the worker decides on.
 
 OrdersError
+├── Misconfigured         a service that cannot run as configured: it says why and stops
 ├── PermanentError        never retried: dead-lettered at once
 │   └── InvalidMessage    poison: not an order we can read
 │       └── Unrecognised  poison that names work the database does not hold as it says
@@ -11,6 +12,10 @@ OrdersError
 
 class OrdersError(Exception):
     """Root of this project's errors."""
+
+
+class Misconfigured(OrdersError):
+    """Retrying cannot help the service itself: its settings and the deployment disagree."""
 
 
 class PermanentError(OrdersError):

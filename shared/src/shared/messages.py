@@ -36,6 +36,7 @@ CRAWL_MESSAGE_TYPE = "crawl.task"
 CONTENT_TYPE = "application/json"
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 0  # an order's, and a message's without one
 
 # Application headers. The attempt count travels here, never in x-death.
 ATTEMPT = "attempt"
@@ -87,7 +88,7 @@ class NewOrder(_Strict):
 
     customer_id: CustomerId
     items: Annotated[list[Item], Field(min_length=1, max_length=100)]
-    priority: Priority = 0
+    priority: Priority = DEFAULT_PRIORITY
 
 
 class OrderMessage(NewOrder):

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
+from shared.topology import Kind
+
 URL_PASSWORDS = {"rabbitmq_password": "rabbitmq_url", "database_password": "database_url"}
 
 
@@ -28,6 +30,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     startup_timeout: float = Field(60.0, gt=0, description="seconds to wait for the database")
     publish_timeout: float = Field(10.0, gt=0, description="seconds to wait for a confirm")
+    queue_kind: Kind = Field(
+        Kind.CLASSIC,
+        description="classic: one priority queue per lane; quorum: replicated, a queue per"
+        " priority (docs/messages.md); what python -m shared.setup declared",
+    )
     amqp_fast_path: bool = Field(
         True, description="the relay's and consumers' hot paths in shared/aiormq_private.py"
     )

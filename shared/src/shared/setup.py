@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 async def run(settings: SetupSettings) -> None:
     async with await amqp.connect(settings.rabbitmq_url, "setup") as connection:
-        await topology.declare(await connection.channel())
-    log.info("topology declared on %s", amqp.redact(settings.rabbitmq_url))
+        await topology.declare(await connection.channel(), settings.queue_kind)
+    log.info("%s topology declared on %s", settings.queue_kind, amqp.redact(settings.rabbitmq_url))
     pool = await db.create_pool(settings.database_url, 2)
     try:
         await db.migrate(pool, settings.startup_timeout)

@@ -7,6 +7,7 @@ cluster's to prove.
 
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -19,14 +20,18 @@ from aio_pika.abc import AbstractChannel
 
 from consumer import dlq
 from shared import topology
+from shared.errors import Misconfigured
+from shared.move import move
 from shared.settings import ConsumerSettings, SetupSettings
 from shared.setup import run as setup
+from testbed.processes import API_KEY
 from tests.integration.conftest import (
     ApiFactory,
     WorkerFactory,
     set_stock,
     settled,
     submit,
+    vhost,
     wait_until,
 )
 
@@ -82,7 +87,7 @@ async def test_every_service_and_setup_refuse_the_other_kind(
         "QUEUE_KIND": "classic",
         "METRICS_PORT": "0",
         "PORT": str(_free_port()),
-        "API_KEYS": "tests:a-key",
+        "API_KEYS": "tests:" + API_KEY,
         "LOG_FORMAT": "text",
     }
     for command in (["consumer"], ["producer", "relay"], ["producer"]):
@@ -132,7 +137,7 @@ async def test_priority_is_strict_under_backlog_on_quorum_queues(
         await wait_until(lambda: _ready_is(channel, work, 330), 30, "330 queued orders")
         assert await _ready(channel, [QUORUM.orders.band(9).queue.name]) == 30
 
-    # PREFETCH=1 is one delivery per band: every band then holds two (``worker.prefetch``).
+    # PREFETCH=1 would be one delivery per band: every band holds three (``worker.prefetch``).
     await start_worker(**_quorum(quorum_url, prefetch=1, concurrency=1))
     await settled(conn, urgent)
     rows = await conn.fetch(
@@ -177,6 +182,94 @@ async def test_dead_letters_are_kept_listed_and_replayed_into_their_band(
         channel = await connection.channel()
         band = QUORUM.orders.band(7).queue.name
         await wait_until(lambda: _ready_is(channel, [band], 1), 10, "the replay in band 7")
+        replayed = await (await channel.get_queue(band)).get(no_ack=False)
+        assert replayed.headers == {"attempt": 1}  # no failure headers, no band in CC
+        await replayed.nack(requeue=True)
     await start_worker(**_quorum(quorum_url))
     await settled(conn, [order_id])
     assert await conn.fetchval("SELECT status FROM orders WHERE id = $1", order_id) == "completed"
+
+
+async def test_a_classic_deployment_moves_to_quorum_under_load_and_loses_nothing(
+    rabbitmq_url: str,
+    start_api: ApiFactory,
+    start_relay: WorkerFactory,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+) -> None:
+    """The documented move (``python -m shared.setup --move``): relay and consumers stopped, the
+    API taking orders all along; every message in the classic queues ends in its quorum queue."""
+    async with vhost(rabbitmq_url, f"move-{secrets.token_hex(4)}") as url:
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            await topology.declare(channel, topology.Kind.CLASSIC)
+            api = await start_api(rabbitmq_url=url, relay_inline=False)
+            await set_stock(api, **{"PEN-1": 100_000})
+            relay = await start_relay(rabbitmq_url=url)
+            queued = [await submit(api, ("PEN-1", 1), priority=n % 10) for n in range(200)]
+            work = [topology.WORK.name]
+            await wait_until(lambda: _ready_is(channel, work, 200), 30, "200 classic orders")
+            relay.set()  # the old kind's relay and consumers are stopped for the move
+            # A dead letter and a waiting retry (a duplicate of a queued order: harmless).
+            poison = aio_pika.Message(b"not json", message_id="poison-1", delivery_mode=2)
+            await (await channel.get_exchange("orders.dead")).publish(poison, "")
+            retry = aio_pika.Message(b"{}", message_id=queued[0], priority=7, delivery_mode=2)
+            await (await channel.get_exchange("orders.retry")).publish(retry, "1h")
+
+            async def load() -> list[str]:
+                return [await submit(api, ("PEN-1", 1), priority=9) for _ in range(100)]
+
+            during = asyncio.create_task(load())
+            assert await move(url, topology.Kind.QUORUM, 10, 30) == 202
+            accepted = queued + await during
+
+            for queue in topology.CLASSIC.queues:
+                assert not await topology.exists(channel, queue.name), queue.name
+            quorum = topology.QUORUM.orders
+            assert await _ready(channel, [quorum.dead_letters.name]) == 1
+            assert await _ready(channel, [quorum.retry_queues[-1].name]) == 1
+            assert await _ready(channel, [q.name for q in quorum.work]) == 200
+            assert await _ready(channel, [quorum.band(3).queue.name]) == 20  # by priority
+
+        await start_relay(**_quorum(url))
+        await start_worker(**_quorum(url))
+        await settled(conn, accepted)
+        assert (
+            await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'completed'")
+            == len(accepted)
+            == 300
+        )
+        assert await conn.fetchval("SELECT available FROM inventory WHERE sku = 'PEN-1'") == (
+            100_000 - 300
+        )
+
+
+async def test_a_move_waits_for_the_old_consumers_and_can_be_run_again(
+    rabbitmq_url: str,
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+) -> None:
+    """A queue someone still consumes is not deleted (what they hold would be lost with it)."""
+    async with vhost(rabbitmq_url, f"move-{secrets.token_hex(4)}") as url:
+        async with await aio_pika.connect(url) as connection:
+            await topology.declare(await connection.channel(), topology.Kind.CLASSIC)
+        api = await start_api(rabbitmq_url=url)
+        await set_stock(api, **{"PEN-1": 1_000})
+        old = await start_worker(rabbitmq_url=url)
+        await wait_until(lambda: _consumers_are(url, 1), 30, "the old consumer")
+        with pytest.raises(Misconfigured, match=r"orders\.work, .*still consumed"):
+            await move(url, topology.Kind.QUORUM, 10, 2)
+        old.set()
+        await wait_until(lambda: _consumers_are(url, 0), 30, "the old consumer gone")
+        await move(url, topology.Kind.QUORUM, 10, 30)
+        await start_worker(**_quorum(url))
+        # The classic API's relay still publishes with the contract's key: into band 0.
+        order_id = await submit(api, ("PEN-1", 1))
+        await settled(conn, [order_id])
+
+
+async def _consumers_are(url: str, n: int) -> bool:
+    async with await aio_pika.connect(url) as connection:
+        queue = await (await connection.channel()).declare_queue(topology.WORK.name, passive=True)
+        return queue.declaration_result.consumer_count == n

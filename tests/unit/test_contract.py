@@ -223,6 +223,13 @@ def test_forward_keeps_priority_and_identity_and_replaces_headers() -> None:
     assert copy.body == incoming.body
 
 
+def test_forward_leaves_out_the_headers_it_is_told_to_drop() -> None:
+    headers = {"attempt": 2, "error-type": "X", "CC": ["order.created.4"], "keep": 1}
+    incoming = aio_pika.Message(b"{}", headers=headers, priority=4)
+    copy = messages.forward(incoming, {"attempt": 1}, drop=("error-type", "CC"))
+    assert copy.headers == {"attempt": 1, "keep": 1}
+
+
 def test_topology_binds_every_queue_and_uses_classic_priority_queue() -> None:
     bound = {b.queue.name for b in topology.CLASSIC.bindings}
     assert bound == {q.name for q in topology.CLASSIC.queues}

@@ -178,6 +178,6 @@ def test_a_band_holds_a_delivery_more_than_its_runners_take() -> None:
     handler.prefetch, handler.concurrency = 1, 4  # type: ignore[misc]
     assert prefetch(handler) == 1  # the classic kind: PREFETCH as set
     handler.lane = topology.QUORUM.orders  # type: ignore[misc]
-    assert prefetch(handler) == 5
+    assert prefetch(handler) == 9
     handler.prefetch = 16  # type: ignore[misc]
     assert prefetch(handler) == 16

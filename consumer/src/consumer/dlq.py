@@ -29,6 +29,7 @@ DROP_ON_REPLAY = (
     messages.FIRST_FAILURE_AT,
     messages.LAST_FAILURE_AT,
     "CC",  # a retry's band (worker): replay routes by the band of its priority
+    "x-delivery-count",  # the quorum queue's count of the listings: a replay starts afresh
 )
 
 
@@ -155,13 +156,9 @@ async def replay(
                 async with conn.transaction():
                     for statement in REOPEN[lane.exchange.name]:
                         await conn.execute(statement, key)
-                headers = {
-                    k: v for k, v in (message.headers or {}).items() if k not in DROP_ON_REPLAY
-                }
-                headers[messages.ATTEMPT] = 1
                 await amqp.publish(
                     exchange,
-                    messages.forward(message, headers),
+                    messages.forward(message, {messages.ATTEMPT: 1}, drop=DROP_ON_REPLAY),
                     lane.band(message.priority).routing_key,
                     settings.publish_timeout,
                 )

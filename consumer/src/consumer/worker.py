@@ -49,11 +49,11 @@ def retry_delay_ms(
 
 def prefetch(handler: "Handler") -> int:
     """Each of the handler's consumers' prefetch: its own; with bands (the quorum kind), enough
-    that a band with a backlog always has a delivery waiting in the window while every runner is
-    busy, or a runner that finishes one takes a lower band's before its band's next arrives."""
+    that a band with a backlog still has a delivery waiting in the window for each runner that
+    finishes while its band's next ones are on their way, or the runner takes a lower band's."""
     if len(handler.lane.bands) == 1:
         return handler.prefetch
-    return max(handler.prefetch, handler.concurrency + 1)
+    return max(handler.prefetch, 2 * handler.concurrency + 1)
 
 
 class Handler(Protocol):

@@ -10,7 +10,7 @@ matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, b
 import os
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypeVar
@@ -269,9 +269,11 @@ def order_id_of(message: Received) -> UUID | None:
         return None
 
 
-def forward(message: Received, headers: Mapping[str, Any]) -> Message:
-    """A persistent copy of a delivery, its priority kept, with some headers replaced."""
-    merged: HeadersType = {**(message.headers or {}), **headers}
+def forward(message: Received, headers: Mapping[str, Any], drop: Collection[str] = ()) -> Message:
+    """A persistent copy of a delivery, its priority kept, with some headers replaced and the
+    ones named in ``drop`` left out."""
+    kept = {k: v for k, v in (message.headers or {}).items() if k not in drop}
+    merged: HeadersType = {**kept, **headers}
     return Message(
         message.body,
         content_type=message.content_type,

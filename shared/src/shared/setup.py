@@ -4,19 +4,31 @@ Run once per deployment and after each upgrade (compose's ``setup`` service, ``m
 the operator's broker account and the database owner. It declares the whole topology, migrates
 the schema, and creates or updates each service's database role with exactly its privileges.
 Every step is idempotent.
+
+``--move`` first moves the queues of the other kind, and every message in them, to
+``QUEUE_KIND``'s (shared/move.py): how a deployment goes from classic queues to quorum queues.
 """
 
+import argparse
 import asyncio
 import logging
 import sys
 
 from shared import amqp, db, logs, topology
+from shared.move import move
 from shared.settings import SetupSettings
 
 log = logging.getLogger(__name__)
 
 
-async def run(settings: SetupSettings) -> None:
+async def run(settings: SetupSettings, moving: bool = False) -> None:
+    if moving:
+        await move(
+            settings.rabbitmq_url,
+            settings.queue_kind,
+            settings.publish_timeout,
+            settings.startup_timeout,
+        )
     async with await amqp.connect(settings.rabbitmq_url, "setup") as connection:
         await topology.declare(await connection.channel(), settings.queue_kind)
     log.info("%s topology declared on %s", settings.queue_kind, amqp.redact(settings.rabbitmq_url))
@@ -35,10 +47,17 @@ async def run(settings: SetupSettings) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m shared.setup", description=__doc__)
+    parser.add_argument(
+        "--move",
+        action="store_true",
+        help="move the other kind's queues and messages to QUEUE_KIND's first",
+    )
+    args = parser.parse_args()
     settings = SetupSettings()
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, args.move))
     except Exception as exc:
         log.error("setup failed: %s", exc)
         sys.exit(1)

@@ -86,6 +86,10 @@ class Kind(StrEnum):
     CLASSIC = "classic"  # one priority queue per lane (x-max-priority): one node, not replicated
     QUORUM = "quorum"  # replicated: a quorum queue per priority, the highest taken first
 
+    @property
+    def other(self) -> "Kind":
+        return Kind.QUORUM if self is Kind.CLASSIC else Kind.CLASSIC
+
 
 @dataclass(frozen=True)
 class Band:
@@ -310,13 +314,15 @@ PERMISSIONS = {
 }
 
 
-async def declare(channel: AbstractChannel, kind: Kind, role: str = "operator") -> None:
+async def declare(
+    channel: AbstractChannel, kind: Kind, role: str = "operator", alongside: bool = False
+) -> None:
     """Declare what ``role`` may configure of the ``kind`` topology, and check the rest exists;
     idempotent, safe from any number of processes at once. The operator (``python -m
-    shared.setup``) declares it all. Raises ``WrongKind`` where the other kind's queues are."""
-    topology = of(kind)
-    other = of(Kind.QUORUM if topology.kind is Kind.CLASSIC else Kind.CLASSIC)
-    if await _exists(channel, other.orders.work[0]):
+    shared.setup``) declares it all. Raises ``WrongKind`` where the other kind's queues are,
+    unless ``alongside`` (a move to this kind: ``shared.move``)."""
+    topology, other = of(kind), of(Kind(kind).other)
+    if not alongside and await exists(channel, other.orders.work[0].name):
         raise WrongKind(
             f"the broker holds {other.kind} queues ({other.orders.work[0].name}) but QUEUE_KIND"
             f" is {topology.kind}: set QUEUE_KIND={other.kind}, as python -m shared.setup was"
@@ -335,9 +341,10 @@ async def declare(channel: AbstractChannel, kind: Kind, role: str = "operator") 
             await queue.bind(b.exchange.name, b.routing_key)
 
 
-async def _exists(channel: AbstractChannel, queue: Queue) -> bool:
+async def exists(channel: AbstractChannel, queue: str) -> bool:
+    """Whether the vhost holds a queue called ``queue``."""
     try:
-        await channel.declare_queue(queue.name, passive=True)
+        await channel.declare_queue(queue, passive=True)
     except ChannelNotFoundEntity:
         await channel.reopen()  # the broker closed it
         return False

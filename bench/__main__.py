@@ -85,9 +85,11 @@ class Bench:
         size: Size,
         consumer_env: dict[str, str],
         relay_inline: bool = False,
+        kind: topology.Kind = topology.Kind.CLASSIC,
     ):
         self.amqp_url, self.database_url, self.size = amqp_url, database_url, size
         self.consumer_env, self.relay_inline = consumer_env, relay_inline
+        self.topology = topology.of(kind)
         self.services: list[Service] = []
         self.relay: Relay | None = None  # the producer's relay process, when it runs apart
 
@@ -98,6 +100,7 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             "ORDER_WORK_MS": "0",
             "METRICS_PORT": "0",
+            "QUEUE_KIND": self.topology.kind,
             **self.consumer_env,
             **extra,
         }
@@ -116,8 +119,10 @@ class Bench:
             await pool.close()
         async with await aio_pika.connect(self.amqp_url) as connection:
             channel = await connection.channel()
-            await topology.declare(channel, topology.Kind.CLASSIC)
-            for queue in topology.CLASSIC.queues:
+            for queue in topology.of(self.topology.kind.other).queues:  # the vhost is the bench's
+                await channel.queue_delete(queue.name)
+            await topology.declare(channel, self.topology.kind)
+            for queue in self.topology.queues:
                 await (await channel.get_queue(queue.name)).purge()
 
     async def seed_outbox(self, count: int, priority: int = 0) -> None:
@@ -180,18 +185,22 @@ class Bench:
         return started
 
     async def consumer_count(self, n: int) -> bool:
+        """Whether ``n`` consumers consume the order lane (each consumes every band)."""
         async with await aio_pika.connect(self.amqp_url) as connection:
             queue = await (await connection.channel()).declare_queue(
-                topology.WORK.name, passive=True
+                self.topology.orders.work[-1].name, passive=True
             )
             return (queue.declaration_result.consumer_count or 0) >= n
 
     async def queued(self) -> int:
+        """Orders ready in the order lane's work queues."""
+        total = 0
         async with await aio_pika.connect(self.amqp_url) as connection:
-            queue = await (await connection.channel()).declare_queue(
-                topology.WORK.name, passive=True
-            )
-            return int(queue.declaration_result.message_count or 0)
+            channel = await connection.channel()
+            for work in self.topology.orders.work:
+                queue = await channel.declare_queue(work.name, passive=True)
+                total += queue.declaration_result.message_count or 0
+        return total
 
     async def count(self, sql: str) -> int:
         async with self.connection() as conn:
@@ -233,20 +242,32 @@ def _proc_stat(pid: int) -> tuple[float, int]:
 
 
 def _pids(user: str) -> list[int]:
-    """The processes of ``user``, read from /proc: no child process, so nothing of the watching
-    is counted as wrk's CPU (load.wrk reads its children's usage)."""
+    """The processes of ``user`` on this machine's own root, read from /proc: no child process,
+    so nothing of the watching is counted as wrk's CPU (load.wrk reads its children's usage)."""
     try:
         uid = pwd.getpwnam(user).pw_uid
     except KeyError:
         return []
-    found = []
+    return [pid for pid, owner, root in _processes() if owner == uid and root == "/"]
+
+
+def _broker() -> list[int]:
+    """The broker's processes: the machine's own ``rabbitmq`` user's, or those running in the
+    RabbitMQ 4 root (scripts/rabbitmq4.sh), whose users' ids mean other users out here."""
+    return _pids("rabbitmq") + [pid for pid, _, root in _processes() if root == RABBITMQ4_ROOT]
+
+
+def _processes() -> Iterator[tuple[int, int, str]]:
+    """Each process: its id, its user's id and its root directory."""
     for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
-                found.append(int(entry))
-        except OSError:  # gone meanwhile
+        if not entry.isdigit():
             continue
-    return found
+        try:
+            owner = os.stat(f"/proc/{entry}").st_uid
+            root = os.readlink(f"/proc/{entry}/root")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        yield int(entry), owner, root
 
 
 class Watch:
@@ -337,7 +358,7 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
     watch = Watch(
         {
             **bench.producer_pids(producer),
-            "broker": lambda: _pids("rabbitmq"),
+            "broker": _broker,
             "database": lambda: _pids("postgres"),
         }
     )
@@ -411,7 +432,7 @@ async def drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
     watch = Watch(
         {
             "consumer": lambda: [s.pid for s in bench.services],
-            "broker": lambda: _pids("rabbitmq"),
+            "broker": _broker,
             "database": lambda: _pids("postgres"),
         }
     )
@@ -467,7 +488,7 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             {
                 **bench.producer_pids(producer),
                 "consumers": lambda: [s.pid for s in workers],
-                "broker": lambda: _pids("rabbitmq"),
+                "broker": _broker,
                 "database": lambda: _pids("postgres"),
             }
         )
@@ -722,6 +743,7 @@ def _ceiling(runs: list[dict[str, float]], groups: tuple[str, ...]) -> tuple[flo
 
 # What manages the broker behind RABBITMQ_URL (scripts/rabbitmq4.sh's nodes need their own).
 RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+RABBITMQ4_ROOT = os.environ.get("RABBITMQ4_ROOT", "/var/cache/orders/trixie")
 
 
 def _versions() -> str:
@@ -776,7 +798,7 @@ async def round_sizes(amqp_url: str) -> list[str]:
     rounds grow with the orders committed while one waits for its confirms)."""
     lines = ["| round | messages/s | broker CPU per message |", "|---|---|---|"]
     for size in (1, 4, 16, 64, 256):
-        watch = Watch({"broker": lambda: _pids("rabbitmq")})
+        watch = Watch({"broker": _broker})
         with watch.running():
             rate = await baselines.publish_rounds(amqp_url, size, 1_024 if size < 16 else 8_192)
         lines.append(f"| {size} | {rate:,.0f} | {watch.cpu['broker'] / rate * 1e6:,.0f} µs |")
@@ -797,6 +819,13 @@ def main() -> int:
         action="store_true",
         help="the relay in the API's process (RELAY_INLINE=true), not in its own",
     )
+    parser.add_argument(
+        "--kind",
+        choices=[*(k.value for k in topology.Kind), "both"],
+        default="classic",
+        help="QUEUE_KIND of the run (both: a table for each, one after the other); the vhost is"
+        " emptied of the other kind's queues",
+    )
     args = parser.parse_args()
     amqp_url = os.environ.get(
         "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
@@ -816,19 +845,22 @@ def main() -> int:
     size = SMOKE if args.smoke else FULL
     if args.backlog:
         size = dataclasses.replace(size, backlog=args.backlog)
-    bench = Bench(amqp_url, database_url, size, consumer_env, args.relay_inline)
-    started = time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
-    lines = uvloop.run(measure(bench, 1 if args.smoke else args.runs, only))
-    print(
-        f"\n{'smoke' if args.smoke else 'full'} run, {_versions()};"
-        f" consumers with PREFETCH={consumer_env['PREFETCH']}"
-        f" CONCURRENCY={consumer_env['CONCURRENCY']},"
-        f" ORDER_WORK_MS={consumer_env['ORDER_WORK_MS']};"
-        f" the relay {'in the API process' if args.relay_inline else 'in a process of its own'};"
-        f" took {time.perf_counter() - started:.0f} s\n"
-    )
-    print("\n".join(lines))
+    kinds = list(topology.Kind) if args.kind == "both" else [topology.Kind(args.kind)]
+    where = "in the API process" if args.relay_inline else "in a process of its own"
+    for kind in kinds:
+        bench = Bench(amqp_url, database_url, size, consumer_env, args.relay_inline, kind)
+        started = time.perf_counter()
+        lines = uvloop.run(measure(bench, 1 if args.smoke else args.runs, only))
+        print(
+            f"\n{'smoke' if args.smoke else 'full'} run, {_versions()};"
+            f" {kind} queues; consumers with PREFETCH={consumer_env['PREFETCH']}"
+            f" CONCURRENCY={consumer_env['CONCURRENCY']},"
+            f" ORDER_WORK_MS={consumer_env['ORDER_WORK_MS']};"
+            f" the relay {where};"
+            f" took {time.perf_counter() - started:.0f} s\n"
+        )
+        print("\n".join(lines), flush=True)
     return 0
 
 

@@ -7,8 +7,9 @@ UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 COMPOSE ?= docker compose
 N ?= 5
 CONSUMERS ?= 2
+KIND ?= classic
 
-.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench lint fmt typecheck clean
+.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench bench-kinds lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,12 +51,19 @@ sync: $(UV) ## Install the workspace and dev tools into .venv
 test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontainers)
 	$(UV) run pytest
 
-faults: sync ## Every fault scenario at full length on nodes of its own (RabbitMQ 4 with RABBITMQ4_ROOT); prints the table
-	$(UV) run python -m tests.faults
+faults: sync ## Every fault scenario at full length on nodes of its own (RabbitMQ 4 with RABBITMQ4_ROOT; KIND=quorum for quorum queues); prints the table
+	$(UV) run python -m tests.faults --kind $(KIND)
 
 bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 min); prints the table
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(UV) run python -m bench
+
+bench-kinds: sync ## make bench on a RabbitMQ 4 node of its own, a table for each queue kind (15-25 min)
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	scripts/rabbitmq4.sh start orders-bench 5684
+	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench@localhost" \
+	  BENCH_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5684/orders_bench \
+	  $(UV) run python -m bench --kind both
 
 lint: sync ## ruff lint and format check
 	$(UV) run ruff check .

@@ -6,11 +6,12 @@ import os
 import platform
 import sys
 
+from shared import topology
 from tests.faults.harness import FULL, SCENARIOS, SHORT, Result, run_scenario, table
 from tests.faults.nodes import PostgresNode, RabbitNode, run
 
 
-async def main(names: list[str], short: bool) -> int:
+async def main(names: list[str], short: bool, kind: topology.Kind) -> int:
     chosen = [s for s in SCENARIOS if not names or s.name in names]
     broker, database = RabbitNode(), PostgresNode()
     await asyncio.gather(broker.start(), database.start())
@@ -18,14 +19,16 @@ async def main(names: list[str], short: bool) -> int:
     try:
         for scenario in chosen:
             print(f"running {scenario.name} ...", file=sys.stderr, flush=True)
-            results.append(await run_scenario(scenario, broker, database, SHORT if short else FULL))
+            timing = SHORT if short else FULL
+            results.append(await run_scenario(scenario, broker, database, timing, kind=kind))
             print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         rabbit = (await broker.ctl("eval", "rabbit_misc:version().")).strip().strip('"')
     finally:
         await asyncio.gather(broker.stop(), database.stop())
     postgres = (await run("psql", "--version")).split()[2]
     print(
-        f"\n{'short' if short else 'full'} run on {platform.node()}: {os.cpu_count()} cores,"
+        f"\n{'short' if short else 'full'} run, {kind} queues, on {platform.node()}:"
+        f" {os.cpu_count()} cores,"
         f" Python {platform.python_version()}, RabbitMQ {rabbit}, PostgreSQL {postgres}\n"
     )
     print(table(results))
@@ -36,5 +39,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__)
     parser.add_argument("scenarios", nargs="*", help="run only these")
     parser.add_argument("--short", action="store_true", help="the shorter form CI runs")
+    parser.add_argument(
+        "--kind", choices=[k.value for k in topology.Kind], default="classic", help="QUEUE_KIND"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.scenarios, args.short)))
+    sys.exit(asyncio.run(main(args.scenarios, args.short, topology.Kind(args.kind))))

@@ -129,8 +129,11 @@ class Stack:
         database: PostgresNode,
         consumers: int,
         relay_apart: bool = False,
+        kind: topology.Kind = topology.Kind.CLASSIC,
     ) -> None:
         self.name, self.broker, self.database = name, broker, database
+        self.topology = topology.of(kind)
+        self.consumed = self.topology.orders.work[0].name  # in a consumer's ``consuming`` event
         self.vhost, self.dbname = f"fault-{name}", f"fault_{name.replace('-', '_')}"
         self.proxy = Proxy("127.0.0.1", broker.port)
         self.consumers: list[Service] = []
@@ -165,6 +168,7 @@ class Stack:
             "SHUTDOWN_GRACE": "10",
             "METRICS_PORT": "0",
             "RELAY_INLINE": "false" if self.relay_apart else "true",
+            "QUEUE_KIND": self.topology.kind,
         }
 
     async def start(self) -> None:
@@ -174,7 +178,11 @@ class Stack:
         await admin.close()
         env = self.env()
         await setup.run(
-            SetupSettings(rabbitmq_url=env["RABBITMQ_URL"], database_url=env["DATABASE_URL"])
+            SetupSettings(
+                rabbitmq_url=env["RABBITMQ_URL"],
+                database_url=env["DATABASE_URL"],
+                queue_kind=self.topology.kind,
+            )
         )
         await self.proxy.start()
         await self.start_producer()
@@ -183,7 +191,7 @@ class Stack:
         for i in range(self.count):
             self.consumers.append(self._consumer(i))
         for consumer in self.consumers:
-            await consumer.wait_for_event("consuming", queues="orders.work")
+            await consumer.wait_for_event("consuming", queues=self.consumed)
         async with httpx.AsyncClient(base_url=self.base_url, headers=AUTH) as client:
             await _until(lambda: _ready(client), 60)
             await client.put(f"/inventory/{SKU}", json={"available": STOCK})
@@ -217,7 +225,7 @@ class Stack:
         code = await old.wait(60)
         self.retired.append(old)
         self.consumers[i] = self._consumer(i)
-        await self.consumers[i].wait_for_event("consuming", 120, queues="orders.work")
+        await self.consumers[i].wait_for_event("consuming", 120, queues=self.consumed)
         return code
 
     async def kill_producer(self) -> None:
@@ -410,9 +418,14 @@ class Result:
 
 
 async def run_scenario(
-    scenario: Scenario, broker: RabbitNode, database: PostgresNode, t: Timing, consumers: int = 3
+    scenario: Scenario,
+    broker: RabbitNode,
+    database: PostgresNode,
+    t: Timing,
+    consumers: int = 3,
+    kind: topology.Kind = topology.Kind.CLASSIC,
 ) -> Result:
-    stack = Stack(scenario.name, broker, database, consumers, scenario.relay_apart)
+    stack = Stack(scenario.name, broker, database, consumers, scenario.relay_apart, kind)
     await stack.start()
     readiness: list[int] = []
     load = Load(stack.base_url, t.rate)
@@ -497,7 +510,8 @@ async def _drain(stack: Stack, load: Load, limit: float) -> float:
         channel = await connection.channel()
 
         async def empty() -> bool:
-            for queue in (topology.WORK, *topology.CLASSIC.orders.retry_queues):
+            orders = stack.topology.orders
+            for queue in (*orders.work, *orders.retry_queues):
                 declared = await channel.declare_queue(queue.name, passive=True)
                 if declared.declaration_result.message_count:
                     return False

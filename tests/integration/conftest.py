@@ -95,6 +95,20 @@ async def quorum_url(rabbitmq_url: str) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture(params=list(topology.Kind))
+async def each_kind(
+    request: pytest.FixtureRequest, rabbitmq_url: str
+) -> AsyncIterator[dict[str, Any]]:
+    """A test once per queue kind: the settings that point a service at that kind's broker."""
+    if request.param is topology.Kind.CLASSIC:
+        yield {}
+        return
+    async with vhost(rabbitmq_url, f"quorum-{secrets.token_hex(4)}") as url:
+        async with await aio_pika.connect(url) as connection:
+            await topology.declare(await connection.channel(), topology.Kind.QUORUM)
+        yield {"rabbitmq_url": url, "queue_kind": "quorum"}
+
+
 @pytest.fixture
 async def conn(database_url: str, clean: None) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)

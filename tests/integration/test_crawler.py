@@ -121,12 +121,16 @@ async def test_max_pages_caps_the_crawl(
 
 
 async def test_visit_order_follows_the_crawls_frontier(
-    start_api: ApiFactory, start_worker: WorkerFactory, conn: asyncpg.Connection
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+    each_kind: dict[str, Any],
 ) -> None:
     """One consumer, one runner, a window of 50: fifo and priority go level by level, lifo
-    goes deep at once."""
-    api = await start_api(**LOCAL)
-    await start_worker(**LOCAL, crawl_concurrency=1, crawl_prefetch=50)
+    goes deep at once; on either queue kind (a priority crawl's tasks spread over the quorum
+    kind's bands, the others wait in one)."""
+    api = await start_api(**LOCAL, **each_kind)
+    await start_worker(**LOCAL, **each_kind, crawl_concurrency=1, crawl_prefetch=50)
     site = tree(fanout=4, depth=3)
     site.delay = 0.03  # a fetch takes longer than the relay: children arrive during the next one
     await site.start()

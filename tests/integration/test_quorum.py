@@ -260,6 +260,8 @@ async def test_a_move_waits_for_the_old_consumers_and_can_be_run_again(
         await wait_until(lambda: _consumers_are(url, 1), 30, "the old consumer")
         with pytest.raises(Misconfigured, match=r"orders\.work, .*still consumed"):
             await move(url, topology.Kind.QUORUM, 10, 2)
+        with pytest.raises(Misconfigured, match="classic queues to quorum queues only"):
+            await move(url, topology.Kind.CLASSIC, 10, 2)
         old.set()
         await wait_until(lambda: _consumers_are(url, 0), 30, "the old consumer gone")
         await move(url, topology.Kind.QUORUM, 10, 30)

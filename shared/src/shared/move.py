@@ -1,4 +1,4 @@
-"""``python -m shared.setup --move``: a deployment's queues moved to ``QUEUE_KIND``, none lost.
+"""``python -m shared.setup --move``: a classic deployment's queues moved to quorum ones, none lost.
 
 Run it with the relay and the consumers stopped (the API keeps accepting orders into the outbox
 meanwhile), then start them with the new ``QUEUE_KIND``. Every step is safe to repeat: a move
@@ -14,6 +14,9 @@ that stops half-way is run again.
    dead-letter exchange.
 4. Delete the other kind's queues, each once it is empty and nobody consumes it (a consumer
    still attached could give back what it holds after the delete: it would be lost).
+
+Only from classic to quorum: RabbitMQ refuses "delete if unused" on a quorum queue (on 4.0.5:
+NOT_IMPLEMENTED, and the connection is closed), and step 4 needs it.
 """
 
 import asyncio
@@ -38,8 +41,14 @@ Route = Callable[[AbstractIncomingMessage], tuple[str, str, dict[str, Any]]]
 async def move(url: str, kind: topology.Kind, confirm_within: float, wait_up_to: float) -> int:
     """Move the other kind's queues on ``url`` into ``kind``'s; the number of messages moved.
 
-    Raises ``Misconfigured`` if an old queue still has a consumer after ``wait_up_to`` seconds.
+    Raises ``Misconfigured`` if an old queue still has a consumer after ``wait_up_to`` seconds,
+    or for a move to the classic kind.
     """
+    if kind is not topology.Kind.QUORUM:
+        raise Misconfigured(
+            "--move goes from classic queues to quorum queues only (QUEUE_KIND=quorum): RabbitMQ"
+            " cannot delete a quorum queue only if it is unused, which the move needs"
+        )
     new = topology.of(kind)
     old = topology.of(kind.other)
     moved = 0

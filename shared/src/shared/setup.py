@@ -5,8 +5,8 @@ the operator's broker account and the database owner. It declares the whole topo
 the schema, and creates or updates each service's database role with exactly its privileges.
 Every step is idempotent.
 
-``--move`` first moves the queues of the other kind, and every message in them, to
-``QUEUE_KIND``'s (shared/move.py): how a deployment goes from classic queues to quorum queues.
+``--move`` (with ``QUEUE_KIND=quorum``) first moves the classic queues, and every message in
+them, to quorum queues (shared/move.py): how a deployment goes from one kind to the other.
 """
 
 import argparse
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--move",
         action="store_true",
-        help="move the other kind's queues and messages to QUEUE_KIND's first",
+        help="move the classic queues and their messages to quorum ones first (QUEUE_KIND=quorum)",
     )
     args = parser.parse_args()
     settings = SetupSettings()

@@ -61,8 +61,7 @@ bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 m
 bench-kinds: sync ## make bench on a RabbitMQ 4 node of its own, a table for each queue kind (15-25 min)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	scripts/rabbitmq4.sh start orders-bench 5684
-	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench@localhost" \
-	  BENCH_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5684/orders_bench \
+	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench@localhost" BENCH_RABBITMQ_PORT=5684 \
 	  $(UV) run python -m bench --kind both
 
 lint: sync ## ruff lint and format check

@@ -1,11 +1,12 @@
 """``make bench``: the system against its own raw baselines, measured in one run on this machine.
 
 Runs the producer and consumers as local processes against BENCH_RABBITMQ_URL /
-BENCH_DATABASE_URL (default: vhost and database ``orders_bench`` on the local services; both are
-emptied), and prints one table: every figure the median of ``--runs`` runs with min-max, the
-baselines, the ratios and the targets of docs/performance.md. ``--smoke`` runs each phase once
-on a tiny load, no targets. BENCH_PREFETCH, BENCH_CONCURRENCY and BENCH_ORDER_WORK_MS set the
-consumers' PREFETCH, CONCURRENCY and ORDER_WORK_MS.
+BENCH_DATABASE_URL (default: vhost and database ``orders_bench`` on the local services, the
+broker on BENCH_RABBITMQ_PORT, 5672 unless set; both are emptied), and prints one table: every
+figure the median of ``--runs`` runs with min-max, the baselines, the ratios and the targets of
+docs/performance.md. ``--smoke`` runs each phase once on a tiny load, no targets.
+BENCH_PREFETCH, BENCH_CONCURRENCY and BENCH_ORDER_WORK_MS set the consumers' PREFETCH,
+CONCURRENCY and ORDER_WORK_MS.
 """
 
 import argparse
@@ -827,8 +828,9 @@ def main() -> int:
         " emptied of the other kind's queues",
     )
     args = parser.parse_args()
+    port = os.environ.get("BENCH_RABBITMQ_PORT", "5672")  # of the local broker
     amqp_url = os.environ.get(
-        "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench"
+        "BENCH_RABBITMQ_URL", f"amqp://guest:guest@127.0.0.1:{port}/orders_bench"
     )
     database_url = os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/orders_bench"

@@ -38,20 +38,21 @@ class Backlog:
         self.connected = False
         self.outbox_depth = 0
         self.depths: dict[str, int] = {}  # messages ready per queue; empty while disconnected
+        self.queue_depth: int | None = None  # ready in the order lane's work queues, if known
         metrics.outbox_backlog.set_function(lambda: self.outbox_depth)
         metrics.queue_depth.set_function(lambda: self.queue_depth or 0)
-
-    @property
-    def queue_depth(self) -> int | None:
-        """Messages ready in the order lane's work queues, or None when unknown."""
-        work = [self.depths.get(q.name) for q in self._topology.orders.work]
-        return None if None in work else sum(w or 0 for w in work)
 
     @property
     def overloaded(self) -> bool:
         """Past a configured bound: new orders should wait (503) rather than pile up."""
         s = self._settings
         return self.outbox_depth >= s.max_outbox or (self.queue_depth or 0) >= s.max_queue_depth
+
+    def _measured(self, depths: dict[str, int]) -> None:
+        """Each queue's depth, and the work queues' sum that every ``POST /orders`` reads."""
+        work = [depths.get(q.name) for q in self._topology.orders.work]
+        self.depths = depths
+        self.queue_depth = None if None in work else sum(w or 0 for w in work)
 
     async def run(self) -> None:
         """Measure once per ``relay_interval`` until stopped: the outbox from the database, the
@@ -82,13 +83,14 @@ class Backlog:
         try:
             while not self._stopping.is_set():
                 async with asyncio.timeout(READ_TIMEOUT):
-                    self.depths = {q.name: (await q.declare()).message_count or 0 for q in queues}
+                    self._measured({q.name: (await q.declare()).message_count or 0 for q in queues})
                 self.connected = True
                 connected()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._settings.relay_interval)
         finally:
-            self.connected, self.depths = False, {}
+            self.connected = False
+            self._measured({})
             await _close(connection)
 
     async def _connect(self) -> tuple[AbstractConnection, list[AbstractQueue]]:

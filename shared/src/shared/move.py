@@ -49,8 +49,7 @@ async def move(url: str, kind: topology.Kind, confirm_within: float, wait_up_to:
             "--move goes from classic queues to quorum queues only (QUEUE_KIND=quorum): RabbitMQ"
             " cannot delete a quorum queue only if it is unused, which the move needs"
         )
-    new = topology.of(kind)
-    old = topology.of(kind.other)
+    new, old = topology.QUORUM, topology.CLASSIC
     moved = 0
     async with await amqp.connect(url, "setup-move") as connection:
         channel = await amqp.confirmed_channel(connection)

@@ -29,6 +29,7 @@ constants here, never settings: RabbitMQ refuses a redeclare with different argu
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from aio_pika import ExchangeType
@@ -114,9 +115,16 @@ class Lane:
     dead_letters: Queue
 
     def band(self, priority: int | None) -> Band:
-        """The band a message of ``priority`` (None: the contract's default) belongs in."""
+        """The band a message of ``priority`` (None: the contract's default) belongs in: the
+        relay asks for every message it publishes."""
         wanted = DEFAULT_PRIORITY if priority is None else min(max(priority, 0), MAX_PRIORITY)
-        return next(b for b in self.bands if wanted in b.priorities)
+        return self._by_priority[wanted]
+
+    @cached_property
+    def _by_priority(self) -> tuple[Band, ...]:
+        return tuple(
+            next(b for b in self.bands if p in b.priorities) for p in range(MAX_PRIORITY + 1)
+        )
 
     @property
     def work(self) -> tuple[Queue, ...]:

@@ -1,15 +1,18 @@
 """The path of an order, HTTP to stock table, on the real broker and database."""
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
 import orjson
-from aio_pika.abc import AbstractChannel
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from producer.outbox import ORDERS, SOURCES, Source
 from shared import topology
@@ -192,6 +195,71 @@ async def test_priority_is_honoured_under_backlog(
         f"{normals_before} normal orders finished before the last urgent one"
     )
     await settled(conn, normal)
+
+
+async def test_orders_held_behind_urgent_ones_go_back_to_their_queue_and_finish_once(
+    start_api: ApiFactory,
+    start_worker: WorkerFactory,
+    conn: asyncpg.Connection,
+    each_kind: dict[str, Any],
+    rabbitmq_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``HOLD_LIMIT``: four normal orders are in the consumer's window (one being processed) when
+    30 urgent ones arrive, which take six seconds; those still waiting go back to their queue
+    after two seconds (their band paused on the quorum kind) and finish after the urgent ones, once
+    each."""
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+    api = await start_api(**each_kind)
+    await set_stock(api, **{"PEN-1": 1_000})
+    kind = topology.of(topology.Kind(each_kind.get("queue_kind", "classic")))
+    await start_worker(**each_kind, prefetch=8, concurrency=1, order_work_ms=200, hold_limit=2.0)
+    normal = [await submit(api, ("PEN-1", 1), priority=0) for _ in range(4)]
+    async with await aio_pika.connect(each_kind.get("rabbitmq_url", rabbitmq_url)) as c:
+        work = [q.name for q in kind.orders.work]
+
+        async def delivered() -> bool:  # published, none left in the queue, one under way
+            published = await conn.fetchval(
+                "SELECT NOT EXISTS (SELECT FROM outbox) AND EXISTS"
+                " (SELECT FROM orders WHERE status = 'processing')"
+            )
+            return bool(published) and await _ready_in(c, work, 0)
+
+        await wait_until(delivered, 10, "the normal orders delivered")
+    one = {"customer_id": "c-1", "items": [{"sku": "PEN-1", "quantity": 1}], "priority": 9}
+    response = await api.post("/orders/batch", json={"orders": [one] * 30})
+    assert response.status_code == 202, response.text
+    urgent = [o["id"] for o in response.json()["orders"]]
+    await settled(conn, normal + urgent)
+
+    rows = await conn.fetch("SELECT priority, status, attempts, completed_at FROM orders")
+    assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
+    assert await conn.fetchval("SELECT available FROM inventory WHERE sku = 'PEN-1'") == 966
+    given = [r for r in caplog.records if getattr(r, "event", None) == "given_back"]
+    assert sum(r.event_fields["count"] for r in given) >= 2
+    # What was given back waited in RabbitMQ, behind the urgent ones, and came back once.
+    last_urgent = max(r["completed_at"] for r in rows if r["priority"] == 9)
+    back = datetime.fromtimestamp(given[0].created, UTC)
+    late = [r for r in rows if r["priority"] == 0 and r["completed_at"] > back]
+    assert len(late) >= 2
+    assert all(r["completed_at"] > last_urgent for r in late)
+    events = [getattr(r, "event", None) for r in caplog.records]
+    if kind.kind is topology.Kind.QUORUM:
+        assert given[0].event_fields["paused"] == [kind.orders.band(0).queue.name]
+        assert "resumed" in events
+    else:
+        assert all(r.event_fields["paused"] == [] for r in given)
+        assert "resumed" not in events
+
+
+async def _ready_in(connection: AbstractConnection, queues: list[str], n: int) -> bool:
+    channel = await connection.channel()
+    total = 0
+    for name in queues:
+        declared = await channel.declare_queue(name, passive=True)
+        total += declared.declaration_result.message_count or 0
+    await channel.close()
+    return total == n
 
 
 async def _depth_is(channel: AbstractChannel, n: int) -> bool:

@@ -125,6 +125,29 @@ async def test_closing_the_window_wakes_every_runner_and_returns_the_rest() -> N
     assert late.close() == [sentinel.c]
 
 
+async def test_deliveries_held_too_long_are_withdrawn_the_oldest_first() -> None:
+    window = Window()
+    assert window.empty.is_set()
+    window.put(sentinel.old0, Frontier.PRIORITY, 9)
+    window.put(sentinel.old1, Frontier.LIFO)
+    await asyncio.sleep(0.05)
+    window.put(sentinel.urgent, Frontier.PRIORITY, -9)
+    window.put(sentinel.young, Frontier.FIFO)
+    assert not window.empty.is_set()
+    assert window.withdraw(0.04) == [sentinel.old0, sentinel.old1]
+    assert window.withdraw(0.04) == []
+    assert len(window) == 2
+    taken = {await window.get(), await window.get()}
+    assert taken == {sentinel.urgent, sentinel.young}  # the withdrawn are skipped
+    assert window.empty.is_set()
+    assert len(window) == 0
+    window.put(sentinel.last, Frontier.PRIORITY)
+    await asyncio.sleep(0.01)
+    assert window.withdraw(0.005) == [sentinel.last]
+    assert window.empty.is_set()
+    assert window.close() == []
+
+
 def test_the_crawler_is_told_its_crawl_settings_and_nothing_of_the_order_worker() -> None:
     settings = ConsumerSettings(
         crawl_concurrency=7, crawl_host_delay_ms=0, crawl_allowed_private_hosts="127.0.0.1"

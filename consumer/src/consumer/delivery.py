@@ -34,6 +34,12 @@ class Delivery:
         return self._properties.headers or {}
 
     @property
+    def consumer_tag(self) -> str | None:
+        """The consumer it came to (None: a ``basic.get``)."""
+        frame = self._delivered.delivery
+        return frame.consumer_tag if isinstance(frame, spec.Basic.Deliver) else None
+
+    @property
     def message_id(self) -> str | None:
         return self._properties.message_id
 

@@ -13,6 +13,7 @@ class Metrics:
     processing_seconds: Histogram
     in_flight: Gauge
     redeliveries: Counter
+    given_back: Counter  # deliveries requeued after waiting HOLD_LIMIT unstarted
     retries: Counter
     dead_lettered: Counter  # by reason: poison, exhausted, permanent
 
@@ -31,6 +32,9 @@ class Metrics:
             in_flight=Gauge(f"{many}_in_flight", "Deliveries being handled now", registry=r),
             redeliveries=Counter(
                 f"{one}_redeliveries", "Deliveries flagged redelivered", registry=r
+            ),
+            given_back=Counter(
+                f"{one}_given_back", "Deliveries requeued after waiting HOLD_LIMIT", registry=r
             ),
             retries=Counter(f"{one}_retries", "Attempts sent to a retry queue", registry=r),
             dead_lettered=Counter(

@@ -11,13 +11,17 @@ prefetch, window (consumer/window.py) and runners, and every lane gets the same 
 Every move to another queue is a confirmed publish *before* the ack, so a crash in between
 duplicates a message (harmless) instead of losing one. Acks settled together share one frame
 (consumer/acks.py).
+
+No delivery waits unstarted in the window for longer than ``HOLD_LIMIT``: past it, it goes back
+to its queue. With bands (the quorum kind), its band's consumer is cancelled first, so the band
+waits in RabbitMQ, not in this process, and is consumed again once nothing above it is left.
 """
 
 import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -91,7 +95,8 @@ class _Lane:
     dead: AbstractExchange
     window: Window = field(default_factory=Window)
     acks: Acks = field(default_factory=Acks)
-    tags: list[str] = field(default_factory=list)  # a consumer per band, the highest first
+    consumers: dict[str, str] = field(default_factory=dict)  # consumer tag -> band queue
+    paused: list[str] = field(default_factory=list)  # band queues left unconsumed for now
     busy: int = 0  # deliveries being handled now
 
     def __post_init__(self) -> None:
@@ -132,11 +137,7 @@ class Worker:
                         await publisher.get_exchange(handler.lane.dead.name, ensure=False),
                     )
                     for queue in handler.lane.work:
-                        lane.tags.append(
-                            await amqp.consume(
-                                channel, queue.name, _receiver(lane), self.settings.amqp_fast_path
-                            )
-                        )
+                        await self._consume(lane, queue.name)
                     lanes.append(lane)
             queues = [q.name for ln in lanes for q in ln.handler.lane.work]
             log.info(
@@ -150,6 +151,7 @@ class Worker:
                 for lane in lanes
                 for _ in range(lane.handler.concurrency)
             ]
+            holds = [asyncio.create_task(self._bound_holds(lane)) for lane in lanes]
             lost = asyncio.ensure_future(
                 amqp.until_closed(consuming, publishing, publisher, *(ln.channel for ln in lanes))
             )
@@ -157,21 +159,89 @@ class Worker:
             self.consuming.set(1)
             connected()
             try:
-                await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([lost, stopped, *holds], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self.consuming.set(0)
-                stopped.cancel()
-                lost.cancel()
+                for task in (stopped, lost, *holds):
+                    task.cancel()
+                await asyncio.gather(*holds, return_exceptions=True)
             if stop.is_set():
                 for lane in lanes:
                     if not lane.channel.is_closed:
                         with contextlib.suppress(Exception):  # closing cancels it anyway
                             underlay = await lane.channel.get_underlay_channel()
-                            for tag in lane.tags:
+                            for tag in lane.consumers:
                                 await underlay.basic_cancel(tag, timeout=amqp.SETUP_TIMEOUT)
             await self._drain(lanes, runners)
+            for task in holds:
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    raise error
             if not stop.is_set():
                 raise ConnectionError("broker connection lost")
+
+    async def _consume(self, lane: _Lane, queue: str) -> None:
+        tag = await amqp.consume(lane.channel, queue, _receiver(lane), self.settings.amqp_fast_path)
+        lane.consumers[tag] = queue
+
+    async def _bound_holds(self, lane: _Lane) -> None:
+        """Every quarter of ``HOLD_LIMIT``, give back what waited longer; with bands, consume the
+        paused ones again as soon as the window runs dry and no band still consumed has more."""
+        limit = self.settings.hold_limit
+        while True:
+            if lane.paused:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(limit / 4):
+                        await lane.window.empty.wait()
+                if not lane.window and not await self._ready_in(lane, lane.consumers.values()):
+                    await self._resume(lane)
+                elif lane.window.empty.is_set():
+                    await asyncio.sleep(min(limit / 4, 0.05))  # the next ones are on their way
+            else:
+                await asyncio.sleep(limit / 4)
+            if stale := lane.window.withdraw(limit):
+                await self._give_back(lane, stale)
+
+    async def _give_back(self, lane: _Lane, stale: list[Delivery]) -> None:
+        """Requeue deliveries held past ``HOLD_LIMIT``; first cancel the consumers of their bands
+        that wait behind a more urgent band still consumed, or RabbitMQ would hand them straight
+        back. (The most urgent band is never paused: one of its deliveries held that long waits
+        behind its own, ``PREFETCH`` too large for the attempts' duration.)"""
+        handler = lane.handler
+        underlay = await lane.channel.get_underlay_channel()
+        bands = [q.name for q in handler.lane.work]  # the most urgent first
+        held = {m.consumer_tag for m in stale}
+        for tag in [t for t in lane.consumers if t in held]:
+            band = bands.index(lane.consumers[tag])
+            if any(bands.index(q) < band for q in lane.consumers.values()):  # held behind those
+                lane.paused.append(lane.consumers.pop(tag))
+                await underlay.basic_cancel(tag, timeout=amqp.SETUP_TIMEOUT)
+        for message in stale:
+            await _requeue(lane, message)
+        handler.metrics.given_back.inc(len(stale))
+        log.warning(
+            "gave back %d %ss that waited over %g s unstarted%s",
+            len(stale),
+            handler.noun,
+            self.settings.hold_limit,
+            f"; pausing {', '.join(lane.paused)}" if lane.paused else "",
+            extra=logs.event("given_back", count=len(stale), paused=list(lane.paused)),
+        )
+
+    async def _resume(self, lane: _Lane) -> None:
+        resumed, lane.paused = lane.paused, []
+        for queue in resumed:
+            await self._consume(lane, queue)
+        log.info("consuming %s again", ", ".join(resumed), extra=logs.event("resumed"))
+
+    @staticmethod
+    async def _ready_in(lane: _Lane, queues: Iterable[str]) -> int:
+        """Messages ready in ``queues`` (RabbitMQ's count, from a passive declare)."""
+        underlay = await lane.channel.get_underlay_channel()
+        total = 0
+        for queue in queues:
+            declared = await underlay.queue_declare(queue, passive=True)
+            total += declared.message_count or 0
+        return total
 
     async def _drain(self, lanes: list[_Lane], runners: list["asyncio.Task[None]"]) -> None:
         """Let in-flight work finish and ack; what was never started goes back to its queue."""

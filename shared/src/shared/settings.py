@@ -106,6 +106,10 @@ class ConsumerSettings(Settings):
     payment_failure_rate: float = Field(0.0, ge=0, le=1)
     payment_failures_per_order: int = Field(0, ge=0)
     shutdown_grace: float = Field(25.0, gt=0, description="seconds to finish in-flight work")
+    # Below consumer_timeout too: past it RabbitMQ closes the channel and counts a return of each.
+    hold_limit: float = Field(
+        300.0, gt=0, lt=1800, description="seconds a delivery may wait unstarted in a consumer"
+    )
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics; 0: off")
     crawl_concurrency: int = Field(4, ge=1, description="crawl tasks handled at once")
     crawl_prefetch: int = Field(16, ge=1, description="unacked crawl tasks: the LIFO window")

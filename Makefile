@@ -21,8 +21,14 @@ UV_VERSION := 0.13.9
 	python3 -m venv .tools
 	.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
+# `up --wait` of Compose 2.22 (the version the project pins) exits 0 when a container cannot be
+# created (a secret file missing) or turns unhealthy, as tests/deploy/test_stack.py found: so
+# `up` and `scale` fail here when any container is left so.
+started = ! $(COMPOSE) ps -a --format '{{if or (eq .State "created" "restarting" "dead") (eq .Health "unhealthy") (and (eq .State "exited") (ne .ExitCode 0))}}{{.Name}} did not start: {{.Status}}{{end}}' | grep .
+
 up: secrets ## Build and run the stack (RabbitMQ, PostgreSQL, producer on :8000, relay, consumer)
 	$(COMPOSE) up -d --build --wait
+	@$(started)
 
 secrets: $(UV) ## Make the local secrets under secrets/ that are missing (make up does)
 	$(UV) run python scripts/make_secrets.py
@@ -38,6 +44,7 @@ ps: ## Show the stack's containers
 
 scale: ## Run N consumers: make scale N=5
 	$(COMPOSE) up -d --wait --scale consumer=$(N)
+	@$(started)
 
 dev: sync ## Run the stack as local processes: make dev CONSUMERS=5 (no Docker needed)
 	CONSUMERS=$(CONSUMERS) $(UV) run python scripts/dev.py

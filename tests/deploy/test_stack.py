@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 import pytest
 
+from shared import hosts
+
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "scripts" / "docker-engine.sh"
 NETNS = "orders-engine"
@@ -300,7 +302,7 @@ async def test_passwords_are_rotated_as_the_security_guide_says(stack: Stack) ->
         )
 
     def database_login(password: str) -> str:  # over TCP: scram, as the services connect
-        url = f"postgresql://orders_consumer:{password}@127.0.0.1:5432/orders"
+        url = hosts.with_password("postgresql://orders_consumer@127.0.0.1:5432/orders", password)
         return stack.run(
             "docker",
             "compose",

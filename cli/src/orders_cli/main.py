@@ -25,7 +25,7 @@ from rich.table import Table
 
 from consumer import dlq
 from orders_cli import load as loadgen
-from shared import amqp, topology
+from shared import amqp, hosts, topology
 from shared.settings import ConsumerSettings
 
 app = typer.Typer(
@@ -167,7 +167,7 @@ def queues(
         rows = asyncio.run(sample())
     except Exception as exc:
         raise _fail(
-            f"cannot read the queues at {amqp.redact(settings.rabbitmq_url)}: {exc}", 2
+            f"cannot read the queues at {hosts.redact(settings.rabbitmq_url)}: {exc}", 2
         ) from None
     table = Table("queue", "messages", "consumers", "net rate /s")
     for name, n, consumers, rate in rows:

@@ -35,7 +35,7 @@ from consumer.acks import Acks
 from consumer.delivery import Delivery
 from consumer.metrics import Metrics
 from consumer.window import Window
-from shared import amqp, logs, messages, topology
+from shared import amqp, hosts, logs, messages, topology
 from shared.errors import InvalidMessage, PermanentError, Unrecognised
 from shared.messages import Frontier
 from shared.settings import ConsumerSettings
@@ -143,7 +143,7 @@ class Worker:
             log.info(
                 "consuming %s from %s",
                 ", ".join(queues),
-                amqp.redact(url),
+                hosts.redact(str(consuming.url)),
                 extra=logs.event("consuming", queues=queues),
             )
             runners = [

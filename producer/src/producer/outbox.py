@@ -34,7 +34,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from producer.metrics import Metrics
-from shared import amqp, db, logs, topology
+from shared import amqp, db, hosts, logs, topology
 from shared.errors import Misconfigured
 from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
 from shared.metrics import serving_metrics
@@ -219,7 +219,7 @@ class Relay:
             connected()
             log.info(
                 "outbox relay connected to %s",
-                amqp.redact(self._settings.rabbitmq_url),
+                hosts.redact(str(connection.url)),
                 extra=logs.event("relay_connected"),
             )
             try:

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -13,7 +14,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
 from yarl import URL
 
-from shared import aiormq_private, logs
+from shared import aiormq_private, hosts, logs
 from shared.errors import Misconfigured
 from shared.messages import Outgoing
 
@@ -25,10 +26,30 @@ RECONNECT_FIRST, RECONNECT_CAP = 0.5, 10.0  # seconds between sessions: doubling
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str) -> AbstractConnection:
-    """A plain connection: callers own the reconnect loop, so recovery is explicit.
+async def connect(url: str, name: str) -> aio_pika.Connection:
+    """A plain connection to a node of ``url``: callers own the reconnect loop, so recovery is
+    explicit. A URL that names several nodes (``shared/hosts.py``) has them tried in turn, from
+    one picked at random (clients spread over a cluster); the last one's error if none answers."""
+    nodes = hosts.each(url)
+    first = random.randrange(len(nodes))
+    for n, node in enumerate(nodes[first:] + nodes[:first], 1):
+        try:
+            return await _connect(node, name)
+        except Exception as exc:
+            if n == len(nodes):
+                raise
+            log.warning(
+                "%s: %s unavailable (%r); trying the next node",
+                name,
+                hosts.redact(node),
+                exc,
+                extra=logs.event("node_unavailable", node=hosts.redact(node), error=repr(exc)),
+            )
+    raise AssertionError("a URL names at least one node")
 
-    ``aio_pika.connect`` drops a connection whose handshake failed without closing it; its
+
+async def _connect(url: str, name: str) -> aio_pika.Connection:
+    """``aio_pika.connect`` drops a connection whose handshake failed without closing it; its
     ``__del__`` then makes a ``close()`` coroutine that nobody awaits when the collector runs in
     a thread without an event loop (RuntimeWarning). This one is closed here instead."""
     parsed = URL(url)
@@ -217,9 +238,3 @@ async def until_closed(*objects: AbstractConnection | AbstractChannel) -> None:
             return
         obj.close_callbacks.add(on_close)
     await lost
-
-
-def redact(url: str) -> str:
-    """A URL safe to log."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url

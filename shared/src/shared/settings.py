@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from yarl import URL
 
+from shared import hosts
 from shared.topology import Kind
 
 URL_PASSWORDS = {"rabbitmq_password": "rabbitmq_url", "database_password": "database_url"}
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
             if target in URL_PASSWORDS:
                 url_field = URL_PASSWORDS[target]
                 url = data.get(url_field) or cls.model_fields[url_field].default
-                data[url_field] = str(URL(url).with_password(secret))
+                data[url_field] = hosts.with_password(url, secret)
             else:
                 data[target] = secret
         return data

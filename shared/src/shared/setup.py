@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from shared import amqp, db, logs, topology
+from shared import amqp, db, hosts, logs, topology
 from shared.move import move
 from shared.settings import SetupSettings
 
@@ -31,7 +31,7 @@ async def run(settings: SetupSettings, moving: bool = False) -> None:
         )
     async with await amqp.connect(settings.rabbitmq_url, "setup") as connection:
         await topology.declare(await connection.channel(), settings.queue_kind)
-    log.info("%s topology declared on %s", settings.queue_kind, amqp.redact(settings.rabbitmq_url))
+    log.info("%s topology declared on %s", settings.queue_kind, hosts.redact(settings.rabbitmq_url))
     pool = await db.create_pool(settings.database_url, 2)
     try:
         await db.migrate(pool, settings.startup_timeout)

@@ -3,7 +3,8 @@
 Writes under ``secrets/`` (git-ignored), keeping any file that already exists:
 
 - one random password per account: the broker's operator, producer and consumer users, the
-  database owner, and the producer's and consumer's database roles;
+  database owner, and the producer's and consumer's database roles; and the Erlang cookie the
+  cluster variant's RabbitMQ nodes share;
 - ``api-keys``: one API key, named ``local``;
 - ``rabbitmq-definitions.json``: the vhost, the users (salted SHA-256 hashes of their passwords,
   as RabbitMQ stores them) and their permissions from ``shared/topology.py``, which RabbitMQ
@@ -32,6 +33,7 @@ PASSWORDS = (
     "postgres-password",
     "producer-db-password",
     "consumer-db-password",
+    "erlang-cookie",  # the cluster variant's nodes share it (docker-compose.cluster.yml)
 )
 
 

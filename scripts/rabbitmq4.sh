@@ -9,6 +9,7 @@
 #   scripts/rabbitmq4.sh ctl ARGS...         rabbitmqctl ARGS in the root
 #   scripts/rabbitmq4.sh start NAME PORT     a node NAME@localhost on 127.0.0.1:PORT (data in
 #                                            $RABBITMQ4_NODES/NAME, kept), guest allowed over TCP
+#   scripts/rabbitmq4.sh join NAME SEED      node NAME joins node SEED's cluster
 #   scripts/rabbitmq4.sh stop NAME           stop that node
 #
 # Nodes in the root use their own epmd (ERL_EPMD_PORT), apart from the host's Erlang 25 one, one
@@ -88,6 +89,14 @@ EOF
 
 stop() { ctl -q -n "$1@localhost" stop; }
 
-command=${1:?"usage: $0 root | server | ctl ARGS... | start NAME PORT | stop NAME"}
+# Node NAME joins SEED's cluster (nodes in the root share its rabbitmq user's Erlang cookie).
+join() {
+  local node="$1@localhost"
+  ctl -q -n "$node" stop_app
+  ctl -q -n "$node" join_cluster "$2@localhost"
+  ctl -q -n "$node" start_app
+}
+
+command=${1:?"usage: $0 root | server | ctl ARGS... | start NAME PORT | join NAME SEED | stop NAME"}
 shift
 "$command" "$@"

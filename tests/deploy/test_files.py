@@ -31,6 +31,31 @@ def test_compose_file_is_valid_for_compose_v2() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_cluster_variant_is_valid_and_replicated_everywhere() -> None:
+    result = subprocess.run(
+        [
+            *(_tool("docker-compose"), "-f", "docker-compose.yml"),
+            *("-f", "docker-compose.cluster.yml", "config", "--format", "json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    nodes = ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    assert all({"source": "erlang_cookie"} in services[n]["secrets"] for n in nodes)
+    assert [services[n].get("hostname") for n in nodes] == nodes
+    for name in ("setup", "producer", "relay", "consumer"):
+        env = services[name]["environment"]
+        assert env["QUEUE_KIND"] == "quorum"
+        assert env["RABBITMQ_URL"].split("@")[1].split("/")[0] == (
+            "rabbitmq:5672,rabbitmq-2:5672,rabbitmq-3:5672"
+        )
+    assert set(services["setup"]["depends_on"]) == {*nodes, "postgres"}
+
+
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run(
         [_tool("hadolint"), "--failure-threshold", "warning", "Dockerfile"],

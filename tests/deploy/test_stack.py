@@ -21,12 +21,14 @@ What differs from a user's machine, and how it is covered:
 """
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ class Stack:
 
     def __init__(self, checkout: Path, env: dict[str, str]) -> None:
         self.checkout, self.env = checkout, env
+
+    def variant(self, **env: str) -> "Stack":
+        """The same checkout with more settings: another compose file, another project."""
+        return Stack(self.checkout, {**self.env, **env})
 
     def run(self, *args: str, timeout: float = 900, check: bool = True) -> str:
         """A command in the checkout; its output (stdout and stderr together)."""
@@ -209,42 +215,19 @@ async def test_make_scale_shares_the_work_among_five_named_consumers(stack: Stac
 async def test_a_consumer_and_the_broker_restarted_under_load_lose_no_order(
     stack: Stack,
 ) -> None:
-    accepted: list[str] = []
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        async with httpx.AsyncClient(base_url=API, timeout=10) as api:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                body = {"customer_id": f"load-{n}", "items": [{"sku": "PEN-1", "quantity": 1}]}
-                response = await api.post("/orders", json=body, headers={"X-API-Key": stack.key})
-                assert response.status_code in (202, 503), response.text
-                if response.status_code == 202:
-                    accepted.append(response.json()["id"])
-                await asyncio.sleep(0.05)
-
-    loading = asyncio.create_task(load())
-    consumer = next(c for c in stack.containers() if c["Service"] == "consumer")["Name"]
-    await asyncio.sleep(3)
-    await asyncio.to_thread(stack.run, "docker", "kill", consumer)  # mid-work, no grace
-    await asyncio.sleep(3)
-    await asyncio.to_thread(stack.compose, "stop", "rabbitmq")
-    during = len(accepted)
-    await asyncio.sleep(5)
-    assert len(accepted) > during  # orders are accepted while the broker is down
-    await asyncio.to_thread(stack.compose, "start", "rabbitmq")
-    await asyncio.to_thread(stack.run, "docker", "start", consumer)
-    await asyncio.sleep(5)
-    stop.set()
-    await loading
-    assert len(accepted) > 100
-    async with httpx.AsyncClient(base_url=API, timeout=10) as api:
-        for order_id in accepted:
-            status = await _until_final(api, order_id, {"X-API-Key": stack.key}, within=180)
-            assert status == "completed", order_id
-    stored = stack.psql("SELECT count(*) FROM orders WHERE customer_id LIKE 'load-%'")
-    assert int(stored) == len(accepted)
+    async with _load(stack) as accepted:
+        consumer = next(c for c in stack.containers() if c["Service"] == "consumer")["Name"]
+        await asyncio.sleep(3)
+        await asyncio.to_thread(stack.run, "docker", "kill", consumer)  # mid-work, no grace
+        await asyncio.sleep(3)
+        await asyncio.to_thread(stack.compose, "stop", "rabbitmq")
+        during = len(accepted)
+        await asyncio.sleep(5)
+        assert len(accepted) > during  # orders are accepted while the broker is down
+        await asyncio.to_thread(stack.compose, "start", "rabbitmq")
+        await asyncio.to_thread(stack.run, "docker", "start", consumer)
+        await asyncio.sleep(5)
+    await _every_one_completed(stack, accepted)
 
 
 async def test_an_api_key_is_rotated_as_the_security_guide_says(stack: Stack) -> None:
@@ -362,6 +345,129 @@ def test_make_down_stops_the_stack_and_keeps_its_data(stack: Stack) -> None:
 def test_make_smoke_passes(stack: Stack) -> None:
     out = stack.in_namespace("make", "smoke")
     assert "orders completed, processed by 5 of 5 consumers" in out, out
+
+
+@pytest.fixture(scope="module")
+def cluster(stack: Stack) -> Iterator[Stack]:
+    """The cluster variant (docker-compose.cluster.yml), a project of its own."""
+    variant = stack.variant(
+        COMPOSE_FILE="docker-compose.yml:docker-compose.cluster.yml:tests/deploy/compose.engine.yml",
+        COMPOSE_PROJECT_NAME="orders-cluster",
+    )
+    yield variant
+    variant.run("docker", "compose", "down", "-v", "--remove-orphans", check=False)
+
+
+def test_the_cluster_variant_runs_three_nodes_and_replicated_queues(cluster: Stack) -> None:
+    started = time.monotonic()
+    cluster.make("up")
+    print(f"make up, the cluster variant: {time.monotonic() - started:.0f} s")
+    nodes = {c["Service"]: c["Health"] for c in cluster.containers() if "rabbitmq" in c["Service"]}
+    assert nodes == {"rabbitmq": "healthy", "rabbitmq-2": "healthy", "rabbitmq-3": "healthy"}
+    status = json.loads(
+        cluster.compose(
+            "exec", "-T", "rabbitmq", "rabbitmqctl", "cluster_status", "--formatter", "json"
+        )
+    )
+    assert sorted(status["running_nodes"]) == [
+        "rabbit@rabbitmq",
+        "rabbit@rabbitmq-2",
+        "rabbit@rabbitmq-3",
+    ]
+    listed = cluster.compose(
+        "exec",
+        "-T",
+        "rabbitmq",
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "-p",
+        "orders",
+        "name",
+        "type",
+        "members",
+        "--formatter",
+        "json",
+    )
+    work = [q for q in json.loads(listed) if q["name"].startswith("orders.quorum.work.")]
+    assert len(work) == 10
+    assert {(q["type"], len(q["members"])) for q in work} == {("quorum", 3)}
+
+
+async def test_the_cluster_loses_no_order_when_a_node_is_stopped_under_load(
+    cluster: Stack,
+) -> None:
+    """The node the relay publishes through is stopped for 10 s: the relay moves to another."""
+    async with _load(cluster) as accepted:
+        await asyncio.sleep(3)
+        node = _node_of(cluster, "producer")  # the relay's connection
+        await asyncio.to_thread(cluster.compose, "stop", node)
+        await asyncio.sleep(10)
+        await asyncio.to_thread(cluster.compose, "start", node)
+        await asyncio.sleep(5)
+    await _every_one_completed(cluster, accepted)
+    relay = cluster.compose("logs", "--no-log-prefix", "relay")
+    assert relay.count('"event":"relay_connected"') >= 2, relay  # it moved to another node
+
+
+def _node_of(cluster: Stack, connection: str) -> str:
+    """The compose service of the RabbitMQ node a connection named ``connection`` is open on
+    (the address it reached, ``client -> node``, matched to the nodes' containers)."""
+    listed = cluster.compose(
+        *("exec", "-T", "rabbitmq", "rabbitmqctl", "-q", "list_connections"),
+        *("name", "client_properties", "--formatter", "json"),
+    )
+    addresses = {
+        cluster.run(
+            *("docker", "inspect", "--format"),
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            c["Name"],
+        ).strip(): c["Service"]
+        for c in cluster.containers()
+        if c["Service"].startswith("rabbitmq")
+    }
+    for entry in json.loads(listed):
+        properties = {key: value for key, _, value in entry["client_properties"]}
+        if properties.get("connection_name") == connection:
+            return addresses[entry["name"].split(" -> ")[1].rsplit(":", 1)[0]]
+    raise AssertionError(f"no connection named {connection}: {listed}")
+
+
+@contextlib.asynccontextmanager
+async def _load(stack: Stack) -> AsyncIterator[list[str]]:
+    """Orders posted about 20 a second while the block runs; the ids of those answered 202."""
+    accepted: list[str] = []
+    stop = asyncio.Event()
+
+    async def post() -> None:
+        async with httpx.AsyncClient(base_url=API, timeout=10) as api:
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                body = {"customer_id": f"load-{n}", "items": [{"sku": "PEN-1", "quantity": 1}]}
+                response = await api.post("/orders", json=body, headers={"X-API-Key": stack.key})
+                assert response.status_code in (202, 503), response.text
+                if response.status_code == 202:
+                    accepted.append(response.json()["id"])
+                await asyncio.sleep(0.05)
+
+    posting = asyncio.create_task(post())
+    try:
+        yield accepted
+    finally:
+        stop.set()
+        await posting
+
+
+async def _every_one_completed(stack: Stack, accepted: list[str]) -> None:
+    """Every accepted order completes, and nothing else was stored."""
+    assert len(accepted) > 100
+    async with httpx.AsyncClient(base_url=API, timeout=10) as api:
+        for order_id in accepted:
+            status = await _until_final(api, order_id, {"X-API-Key": stack.key}, within=180)
+            assert status == "completed", order_id
+    stored = stack.psql("SELECT count(*) FROM orders WHERE customer_id LIKE 'load-%'")
+    assert int(stored) == len(accepted)
 
 
 async def _submit(stack: Stack, count: int, prefix: str) -> list[str]:

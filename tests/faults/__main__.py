@@ -1,4 +1,7 @@
-"""``make faults``: every scenario at full length, then the table (``--short`` for the CI form)."""
+"""``make faults``: every scenario at full length, then the table (``--short`` for the CI form).
+
+The single-node scenarios run on one RabbitMQ node with ``--kind``'s queues; the cluster's on
+three nodes in one cluster, with quorum queues (the kind a cluster replicates)."""
 
 import argparse
 import asyncio
@@ -7,27 +10,51 @@ import platform
 import sys
 
 from shared import topology
-from tests.faults.harness import FULL, SCENARIOS, SHORT, Result, run_scenario, table
-from tests.faults.nodes import PostgresNode, RabbitNode, run
+from tests.faults.harness import (
+    CLUSTER_SCENARIOS,
+    FULL,
+    SCENARIOS,
+    SHORT,
+    Result,
+    Scenario,
+    run_scenario,
+    table,
+)
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode, run
 
 
 async def main(names: list[str], short: bool, kind: topology.Kind) -> int:
-    chosen = [s for s in SCENARIOS if not names or s.name in names]
+    single = [s for s in SCENARIOS if not names or s.name in names]
+    clustered = [s for s in CLUSTER_SCENARIOS if not names or s.name in names]
+    timing = SHORT if short else FULL
     broker, database = RabbitNode(), PostgresNode()
     await asyncio.gather(broker.start(), database.start())
     results: list[Result] = []
-    try:
-        for scenario in chosen:
+
+    async def each(
+        scenarios: list[Scenario], on: RabbitNode | RabbitCluster, k: topology.Kind
+    ) -> None:
+        for scenario in scenarios:
             print(f"running {scenario.name} ...", file=sys.stderr, flush=True)
-            timing = SHORT if short else FULL
-            results.append(await run_scenario(scenario, broker, database, timing, kind=kind))
+            results.append(await run_scenario(scenario, on, database, timing, kind=k))
             print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+
+    try:
+        await each(single, broker, kind)
         rabbit = (await broker.ctl("eval", "rabbit_misc:version().")).strip().strip('"')
+        if clustered:
+            cluster = RabbitCluster()
+            try:
+                await cluster.start()
+                await each(clustered, cluster, topology.Kind.QUORUM)
+            finally:
+                await cluster.stop()
     finally:
         await asyncio.gather(broker.stop(), database.stop())
     postgres = (await run("psql", "--version")).split()[2]
     print(
-        f"\n{'short' if short else 'full'} run, {kind} queues, on {platform.node()}:"
+        f"\n{'short' if short else 'full'} run, {kind} queues (cluster-*: quorum, three nodes),"
+        f" on {platform.node()}:"
         f" {os.cpu_count()} cores,"
         f" Python {platform.python_version()}, RabbitMQ {rabbit}, PostgreSQL {postgres}\n"
     )

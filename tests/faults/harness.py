@@ -18,14 +18,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import aio_pika
 import asyncpg
 import httpx
 
-from shared import setup, topology
+from shared import amqp, setup, topology
 from shared.settings import SetupSettings
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
-from tests.faults.nodes import PostgresNode, RabbitNode
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"
@@ -119,13 +118,14 @@ class Load:
 
 
 class Stack:
-    """Producer and consumers as processes; the broker is reached through a cuttable proxy.
-    ``relay_apart``: the producer's relay runs as ``python -m producer relay``, as in compose."""
+    """Producer and consumers as processes; a broker node is reached through a cuttable proxy, a
+    cluster at every node's own address. ``relay_apart``: the producer's relay runs as
+    ``python -m producer relay``, as in compose."""
 
     def __init__(
         self,
         name: str,
-        broker: RabbitNode,
+        broker: RabbitNode | RabbitCluster,
         database: PostgresNode,
         consumers: int,
         relay_apart: bool = False,
@@ -135,7 +135,7 @@ class Stack:
         self.topology = topology.of(kind)
         self.consumed = self.topology.orders.work[0].name  # in a consumer's ``consuming`` event
         self.vhost, self.dbname = f"fault-{name}", f"fault_{name.replace('-', '_')}"
-        self.proxy = Proxy("127.0.0.1", broker.port)
+        self.proxy = Proxy("127.0.0.1", broker.port) if isinstance(broker, RabbitNode) else None
         self.consumers: list[Service] = []
         self.count = consumers
         self.generation = itertools.count(1)
@@ -145,6 +145,7 @@ class Stack:
         self.relay_apart = relay_apart
         self.relay: Relay | None = None
         self.retired: list[Service] = []
+        self.elections = 0  # work queues whose leader a fault moved to another node
 
     @property
     def base_url(self) -> str:
@@ -152,7 +153,11 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         return {
-            "RABBITMQ_URL": self.broker.url(self.vhost, self.proxy.port),
+            "RABBITMQ_URL": (
+                self.broker.url(self.vhost, self.proxy.port)
+                if self.proxy
+                else self.broker.url(self.vhost)
+            ),
             "DATABASE_URL": self.database.url(self.dbname),
             "API_KEYS": f"faults:{API_KEY}",
             "RATE_LIMIT_PER_SECOND": "0",
@@ -184,7 +189,8 @@ class Stack:
                 queue_kind=self.topology.kind,
             )
         )
-        await self.proxy.start()
+        if self.proxy:
+            await self.proxy.start()
         await self.start_producer()
         if self.relay_apart:
             await self.start_relay()
@@ -250,7 +256,8 @@ class Stack:
             with contextlib.suppress(AssertionError):
                 await service.wait(20)
             service.kill()
-        await self.proxy.close()
+        if self.proxy:
+            await self.proxy.close()
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
@@ -354,11 +361,54 @@ async def postgres_killed(stack: Stack, t: Timing) -> None:
 
 
 async def network_cut(stack: Stack, t: Timing) -> None:
+    assert stack.proxy is not None
     await stack.proxy.cut()
     try:
         await asyncio.sleep(NETWORK_CUT_FULL if t is FULL else t.outage)
     finally:
         await stack.proxy.restore()
+
+
+# On a three-node cluster (quorum queues, a replica on each node).
+def _cluster(stack: Stack) -> RabbitCluster:
+    assert isinstance(stack.broker, RabbitCluster)
+    return stack.broker
+
+
+async def work_leader_killed(stack: Stack, t: Timing) -> None:
+    """SIGKILL the node that leads the most work queues, and wait for their new leaders."""
+    cluster = _cluster(stack)
+    work = {queue.name for queue in stack.topology.orders.work}
+    leaders = {q: n for q, n in (await cluster.leaders(stack.vhost)).items() if q in work}
+    name = max(set(leaders.values()), key=list(leaders.values()).count)
+    led = [queue for queue, leader in leaders.items() if leader == name]
+    node = cluster.node(name)
+    await node.kill()
+
+    async def elected() -> bool:
+        now = await cluster.leaders(stack.vhost)
+        return all(now.get(queue, name) != name for queue in led)
+
+    await _until(elected, 60)
+    stack.elections += len(led)
+    await asyncio.sleep(t.outage / 2)  # the cluster serves on two nodes meanwhile
+    await node.restart_after_kill()
+
+
+async def connected_node_killed(stack: Stack, t: Timing) -> None:
+    """SIGKILL the node the relay publishes through; it must move to another."""
+    cluster = _cluster(stack)
+    node = await cluster.node_of("producer")
+    await node.kill()
+    await asyncio.sleep(t.outage / 2)
+    await node.restart_after_kill()
+
+
+async def rolling_restart(stack: Stack, t: Timing) -> None:
+    """Each node stopped cleanly and started again in turn, as an upgrade does."""
+    for node in _cluster(stack).nodes:
+        await node.restart()
+        await asyncio.sleep(t.churn / 4)
 
 
 @dataclass(frozen=True)
@@ -383,6 +433,11 @@ SCENARIOS = (
     Scenario("postgres-sigkill", postgres_killed, "in_doubt"),
     Scenario("network-cut", network_cut, "reconnects"),
 )
+CLUSTER_SCENARIOS = (
+    Scenario("cluster-leader-sigkill", work_leader_killed, "elections"),
+    Scenario("cluster-connected-node-sigkill", connected_node_killed, "reconnects"),
+    Scenario("cluster-rolling-restart", rolling_restart, "reconnects"),
+)
 
 
 @dataclass
@@ -402,6 +457,7 @@ class Result:
     not_ready: int
     stalled: int
     restarts: int
+    elections: int
     recovery_s: float
     drained_s: float
     evidence: str
@@ -419,7 +475,7 @@ class Result:
 
 async def run_scenario(
     scenario: Scenario,
-    broker: RabbitNode,
+    broker: RabbitNode | RabbitCluster,
     database: PostgresNode,
     t: Timing,
     consumers: int = 3,
@@ -453,6 +509,7 @@ async def run_scenario(
             reconnects=stack.reconnects(),
             stalled=stalled,
             restarts=stack.starts - restarts_before,
+            elections=stack.elections,
             recovery_s=recovery,
             drained_s=drained,
             evidence=scenario.evidence,
@@ -505,7 +562,7 @@ async def _drain(stack: Stack, load: Load, limit: float) -> float:
     """Seconds after the load until the queues and the outbox are empty and every order is final."""
     started = time.monotonic()
     conn = await _connect(stack)
-    connection = await aio_pika.connect(stack.broker.url(stack.vhost))
+    connection = await amqp.connect(stack.broker.url(stack.vhost), "fault-checker")
     try:
         channel = await connection.channel()
 
@@ -581,6 +638,7 @@ COLUMNS = (
     ("503s", "unavailable"),
     ("not ready", "not_ready"),
     ("stalled", "stalled"),
+    ("elections", "elections"),
     ("recovery s", "recovery_s"),
     ("drained s", "drained_s"),
     ("pass", "passed"),

@@ -7,6 +7,7 @@ started from the same installed binaries (see ../shared/RELIABILITY.md) in tempo
 import asyncio
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -131,6 +132,19 @@ class RabbitNode:
                     raise
                 await asyncio.sleep(2)
 
+    async def join(self, seed: "RabbitNode") -> None:
+        """Join ``seed``'s cluster (the same Erlang cookie: every node runs as rabbitmq)."""
+        await self.ctl("stop_app")
+        await self.ctl("join_cluster", seed.name)
+        await self.ctl("start_app")
+
+    async def restart(self) -> None:
+        """Stop the node cleanly and start it again on its data: one step of a rolling restart."""
+        await self.ctl("stop", timeout=120)
+        while _alive(self.pid):
+            await asyncio.sleep(0.1)
+        await self.start()
+
     def pause(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
 
@@ -144,6 +158,57 @@ class RabbitNode:
         if self.pid and _alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitCluster:
+    """Three ``RabbitNode``s joined into one cluster; clients are given every node's address."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RabbitNode() for _ in range(size)]
+        for node in self.nodes:  # a minority stops serving rather than diverge
+            node.configure("cluster_partition_handling = pause_minority\n")
+
+    def url(self, vhost: str) -> str:
+        listed = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        return f"amqp://guest:guest@{listed}/{vhost}"
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            await node.start()
+        for node in self.nodes[1:]:
+            await node.join(self.nodes[0])
+
+    async def ctl(self, *args: str, timeout: float = 60) -> str:
+        """``rabbitmqctl`` on the first node that answers."""
+        for node in self.nodes:
+            if node.pid and _alive(node.pid):
+                with contextlib.suppress(RuntimeError):
+                    return await node.ctl(*args, timeout=timeout)
+        raise RuntimeError(f"no node of the cluster answered rabbitmqctl {' '.join(args)}")
+
+    def node(self, name: str) -> RabbitNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    async def leaders(self, vhost: str) -> dict[str, str]:
+        """Each quorum queue of ``vhost`` and the node that leads it."""
+        out = await self.ctl("list_queues", "-p", vhost, "name", "leader", "--no-table-headers")
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+    async def node_of(self, connection: str) -> RabbitNode:
+        """The node a client's connection named ``connection`` is open on (by its AMQP port)."""
+        out = await self.ctl("list_connections", "port", "client_properties", "--formatter", "json")
+        for listed in json.loads(out):
+            properties = {key: value for key, _, value in listed["client_properties"]}
+            if properties.get("connection_name") == connection:
+                return next(node for node in self.nodes if node.port == listed["port"])
+        raise RuntimeError(f"no connection named {connection!r}: {out}")
+
+    async def add_vhost(self, vhost: str) -> None:
+        await self.ctl("add_vhost", vhost)
+        await self.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(node.stop() for node in self.nodes))
 
 
 class PostgresNode:

@@ -5,8 +5,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faults.harness import SCENARIOS, SHORT, Scenario, run_scenario, table
-from tests.faults.nodes import PostgresNode, RabbitNode
+from shared import topology
+from tests.faults.harness import (
+    CLUSTER_SCENARIOS,
+    SCENARIOS,
+    SHORT,
+    Result,
+    Scenario,
+    run_scenario,
+    table,
+)
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +25,15 @@ def nodes() -> Iterator[tuple[RabbitNode, PostgresNode]]:
     asyncio.run(_start(broker, database))
     yield broker, database
     asyncio.run(_stop(broker, database))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes of our own in one cluster, for the cluster's scenarios."""
+    nodes = RabbitCluster()
+    asyncio.run(nodes.start())
+    yield nodes
+    asyncio.run(nodes.stop())
 
 
 async def _start(broker: RabbitNode, database: PostgresNode) -> None:
@@ -31,7 +49,19 @@ async def _stop(broker: RabbitNode, database: PostgresNode) -> None:
 async def test_no_order_is_lost_or_applied_twice_under(
     scenario: Scenario, nodes: tuple[RabbitNode, PostgresNode]
 ) -> None:
-    result = await run_scenario(scenario, *nodes, SHORT)
+    _passed(scenario, await run_scenario(scenario, *nodes, SHORT))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", CLUSTER_SCENARIOS, ids=[s.name for s in CLUSTER_SCENARIOS])
+async def test_on_a_cluster_no_order_is_lost_or_applied_twice_under(
+    scenario: Scenario, cluster: RabbitCluster, nodes: tuple[RabbitNode, PostgresNode]
+) -> None:
+    result = await run_scenario(scenario, cluster, nodes[1], SHORT, kind=topology.Kind.QUORUM)
+    _passed(scenario, result)
+
+
+def _passed(scenario: Scenario, result: Result) -> None:
     print("\n" + table([result]))
     assert result.ok > 0
     assert result.lost == 0, table([result])

@@ -2,7 +2,8 @@
 
 Runs the producer and consumers as local processes against BENCH_RABBITMQ_URL /
 BENCH_DATABASE_URL (default: vhost and database ``orders_bench`` on the local services, the
-broker on BENCH_RABBITMQ_PORT, 5672 unless set; both are emptied), and prints one table: every
+broker on BENCH_RABBITMQ_PORT, 5672 unless set, or a local cluster's nodes on several ports
+separated by commas; both are emptied), and prints one table: every
 figure the median of ``--runs`` runs with min-max, the baselines, the ratios and the targets of
 docs/performance.md. ``--smoke`` runs each phase once on a tiny load, no targets.
 BENCH_PREFETCH, BENCH_CONCURRENCY and BENCH_ORDER_WORK_MS set the consumers' PREFETCH,
@@ -27,7 +28,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import orjson
@@ -35,7 +35,7 @@ import uvloop
 from yarl import URL
 
 from bench import baselines, load
-from shared import db, messages, topology
+from shared import amqp, db, hosts, messages, topology
 from testbed.processes import Producer, Relay, Service, free_port
 
 SKUS = 100
@@ -118,7 +118,7 @@ class Bench:
             )
         finally:
             await pool.close()
-        async with await aio_pika.connect(self.amqp_url) as connection:
+        async with await amqp.connect(self.amqp_url, "bench") as connection:
             channel = await connection.channel()
             for queue in topology.of(self.topology.kind.other).queues:  # the vhost is the bench's
                 await channel.queue_delete(queue.name)
@@ -187,7 +187,7 @@ class Bench:
 
     async def consumer_count(self, n: int) -> bool:
         """Whether ``n`` consumers consume the order lane (each consumes every band)."""
-        async with await aio_pika.connect(self.amqp_url) as connection:
+        async with await amqp.connect(self.amqp_url, "bench") as connection:
             queue = await (await connection.channel()).declare_queue(
                 self.topology.orders.work[-1].name, passive=True
             )
@@ -196,7 +196,7 @@ class Bench:
     async def queued(self) -> int:
         """Orders ready in the order lane's work queues."""
         total = 0
-        async with await aio_pika.connect(self.amqp_url) as connection:
+        async with await amqp.connect(self.amqp_url, "bench") as connection:
             channel = await connection.channel()
             for work in self.topology.orders.work:
                 queue = await channel.declare_queue(work.name, passive=True)
@@ -765,7 +765,8 @@ def _versions() -> str:
 
 def _prepare(amqp_url: str, database_url: str) -> None:
     """Create the benchmark's vhost and database when they are local and missing."""
-    vhost = URL(amqp_url).path.lstrip("/")
+    first = URL(hosts.each(amqp_url)[0])  # a cluster's nodes share the vhost and the user
+    vhost = first.path.lstrip("/")
     if vhost and shutil.which(RABBITMQCTL[0]):
         subprocess.run([*RABBITMQCTL, "-q", "add_vhost", vhost], capture_output=True, check=False)
         subprocess.run(
@@ -775,7 +776,7 @@ def _prepare(amqp_url: str, database_url: str) -> None:
                 "set_permissions",
                 "-p",
                 vhost,
-                URL(amqp_url).user or "guest",
+                first.user or "guest",
                 ".*",
                 ".*",
                 ".*",
@@ -828,10 +829,10 @@ def main() -> int:
         " emptied of the other kind's queues",
     )
     args = parser.parse_args()
-    port = os.environ.get("BENCH_RABBITMQ_PORT", "5672")  # of the local broker
-    amqp_url = os.environ.get(
-        "BENCH_RABBITMQ_URL", f"amqp://guest:guest@127.0.0.1:{port}/orders_bench"
-    )
+    # The local broker's port, or a local cluster's ports separated by commas.
+    ports = os.environ.get("BENCH_RABBITMQ_PORT", "5672").split(",")
+    nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
+    amqp_url = os.environ.get("BENCH_RABBITMQ_URL", f"amqp://guest:guest@{nodes}/orders_bench")
     database_url = os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/orders_bench"
     )

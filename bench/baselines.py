@@ -1,9 +1,12 @@
-"""Baselines (b) and (c): raw aio-pika publishing with confirms, and consuming with manual acks."""
+"""Baselines (b) and (c): raw aio-pika publishing with confirms, and consuming with manual acks.
+(Connected by ``amqp.connect``: an ``aio_pika.Connection`` to a node that answers.)"""
 
 import asyncio
 import time
 
 import aio_pika
+
+from shared import amqp
 
 QUEUE = "bench.raw"
 BODY = b'{"customer_id":"bench","items":[{"sku":"SKU-1","quantity":1}],"priority":0}'
@@ -15,7 +18,7 @@ def _message() -> aio_pika.Message:
 
 async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
     """Persistent messages to a durable queue, ``in_flight`` confirms outstanding; msgs/s."""
-    async with await aio_pika.connect(url) as connection:
+    async with await amqp.connect(url, "bench-baseline") as connection:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(QUEUE, durable=True)
         await queue.purge()
@@ -33,7 +36,7 @@ async def publish(url: str, count: int, in_flight: int = 1_000) -> float:
 async def consume(url: str, count: int, prefetch: int = 100) -> float:
     """Manual acks, a no-op handler, ``prefetch`` unacked; msgs/s. Consumes what ``publish``
     left in the queue, or publishes ``count`` first (untimed) when it left too few."""
-    async with await aio_pika.connect(url) as connection:
+    async with await amqp.connect(url, "bench-baseline") as connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.declare_queue(QUEUE, durable=True)
@@ -62,7 +65,7 @@ async def consume(url: str, count: int, prefetch: int = 100) -> float:
 async def publish_rounds(url: str, size: int, count: int) -> float:
     """Persistent messages to a durable priority queue in rounds of ``size``, each round
     waiting for all its confirms before the next (as one outbox publisher does); msgs/s."""
-    async with await aio_pika.connect(url) as connection:
+    async with await amqp.connect(url, "bench-baseline") as connection:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(
             QUEUE + ".rounds", durable=True, arguments={"x-max-priority": 9}

@@ -92,6 +92,7 @@ stop() { ctl -q -n "$1@localhost" stop; }
 # Node NAME joins SEED's cluster (nodes in the root share its rabbitmq user's Erlang cookie).
 join() {
   local node="$1@localhost"
+  ctl -q -n "$node" cluster_status | grep -q "$2@localhost" && return 0  # joined already
   ctl -q -n "$node" stop_app
   ctl -q -n "$node" join_cluster "$2@localhost"
   ctl -q -n "$node" start_app

@@ -11,15 +11,15 @@ def amqp(userinfo: str, rest: str) -> str:
     return "amqp://" + userinfo + "@" + rest
 
 
-SECRET = "p%40ss"  # p@ss, quoted
-CLUSTER = amqp("producer:" + SECRET, "rabbit-1:5672,rabbit-2:5673,rabbit-3/orders?heartbeat=5")
+QUOTED = "p%40ss"  # p@ss, quoted
+CLUSTER = amqp("producer:" + QUOTED, "rabbit-1:5672,rabbit-2:5673,rabbit-3/orders?heartbeat=5")
 
 
 def test_each_host_gets_the_shared_user_vhost_and_query() -> None:
     assert hosts.each(CLUSTER) == [
-        amqp("producer:" + SECRET, "rabbit-1:5672/orders?heartbeat=5"),
-        amqp("producer:" + SECRET, "rabbit-2:5673/orders?heartbeat=5"),
-        amqp("producer:" + SECRET, "rabbit-3/orders?heartbeat=5"),
+        amqp("producer:" + QUOTED, "rabbit-1:5672/orders?heartbeat=5"),
+        amqp("producer:" + QUOTED, "rabbit-2:5673/orders?heartbeat=5"),
+        amqp("producer:" + QUOTED, "rabbit-3/orders?heartbeat=5"),
     ]
     assert hosts.each(amqp("consumer", "127.0.0.1:5672/")) == [amqp("consumer", "127.0.0.1:5672/")]
     assert hosts.each("amqp://a,b") == ["amqp://a", "amqp://b"]

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel
 
 from producer.outbox import ORDERS, SOURCES, Source
 from shared import topology
@@ -216,14 +216,15 @@ async def test_orders_held_behind_urgent_ones_go_back_to_their_queue_and_finish_
     await start_worker(**each_kind, prefetch=8, concurrency=1, order_work_ms=200, hold_limit=2.0)
     normal = [await submit(api, ("PEN-1", 1), priority=0) for _ in range(4)]
     async with await aio_pika.connect(each_kind.get("rabbitmq_url", rabbitmq_url)) as c:
-        work = [q.name for q in kind.orders.work]
+        channel = await c.channel()
 
         async def delivered() -> bool:  # published, none left in the queue, one under way
             published = await conn.fetchval(
                 "SELECT NOT EXISTS (SELECT FROM outbox) AND EXISTS"
                 " (SELECT FROM orders WHERE status = 'processing')"
             )
-            return bool(published) and await _ready_in(c, work, 0)
+            ready = [await depth(channel, q.name) for q in kind.orders.work]
+            return bool(published) and sum(ready) == 0
 
         await wait_until(delivered, 10, "the normal orders delivered")
     one = {"customer_id": "c-1", "items": [{"sku": "PEN-1", "quantity": 1}], "priority": 9}
@@ -250,16 +251,6 @@ async def test_orders_held_behind_urgent_ones_go_back_to_their_queue_and_finish_
     else:
         assert all(r.event_fields["paused"] == [] for r in given)
         assert "resumed" not in events
-
-
-async def _ready_in(connection: AbstractConnection, queues: list[str], n: int) -> bool:
-    channel = await connection.channel()
-    total = 0
-    for name in queues:
-        declared = await channel.declare_queue(name, passive=True)
-        total += declared.declaration_result.message_count or 0
-    await channel.close()
-    return total == n
 
 
 async def _depth_is(channel: AbstractChannel, n: int) -> bool:

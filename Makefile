@@ -73,8 +73,8 @@ bench-kinds: sync ## make bench on a RabbitMQ 4 node of its own, a table for eac
 
 # The cluster's nodes: orders-bench-c1..3 on 5685-5687; the single node stops before they start
 # (the benchmark counts every process in the root as the broker's).
-BENCH_PHASES := submit16,relay,drain1,priority
-bench-cluster: sync ## make bench's submit, relay, drain and priority phases with quorum queues on one RabbitMQ 4 node, then on a three-node cluster (15-25 min)
+BENCH_PHASES := submit16,relay,drain1,drain1_small,priority
+bench-cluster: sync ## make bench's submit, relay, drain (large and small backlog) and priority phases with quorum queues on one RabbitMQ 4 node, then on a three-node cluster (15-25 min)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	scripts/rabbitmq4.sh start orders-bench 5684
 	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench@localhost" BENCH_RABBITMQ_PORT=5684 \

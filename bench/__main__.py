@@ -606,12 +606,21 @@ async def measure(bench: Bench, runs: int, only: set[str] | None = None) -> list
                 results[name].append(await phase())
             finally:  # a phase that fails leaves no service behind to take the next one's rows
                 await bench.stop_all()
-    if only:  # no table without every phase: each figure as measured
-        return [
+    if only:  # no table without every phase: each figure as measured, and the ratios it has
+        lines = [
             f"{name} {key}: {_fmt(_median(rs, key))}"
             for name, rs in results.items()
             for key in rs[0]
         ]
+        if {"drain1", "drain1_small"} <= results.keys():
+            big, small = (
+                _median(results[n], "consumer_rss_mb")[0] for n in ("drain1", "drain1_small")
+            )
+            lines.append(f"consumer peak RSS, large ÷ small backlog: {big / small:.2f}x (≤ 1.1x)")
+        if "priority" in results:
+            p9, p0 = (_median(results["priority"], f"p{n}_p99_ms")[0] for n in (9, 0))
+            lines.append(f"priority 9 p99 ÷ priority 0 p99: {p9 / p0:.2%} (≤ 5%)")
+        return lines
     return _table(results, smoke=runs == 1 and s is SMOKE)
 
 

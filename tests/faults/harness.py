@@ -404,6 +404,46 @@ async def connected_node_killed(stack: Stack, t: Timing) -> None:
     await node.restart_after_kill()
 
 
+async def node_partitioned(stack: Stack, t: Timing) -> None:
+    """Cut the node the relay publishes through off from the other two and from every client
+    (its host's link down) until the other two count it out, the work queues it led have new
+    leaders and the relay has moved, a while longer; then heal it. Meanwhile it paused
+    (pause_minority); healed, it rejoins."""
+    cluster, producer = _cluster(stack), stack.producer
+    assert producer is not None
+    node = await cluster.node_of("producer")
+    assert node.host is not None
+    witness = next(other for other in cluster.nodes if other is not node)
+    work = {queue.name for queue in stack.topology.orders.work}
+    led = [
+        q for q, n in (await cluster.leaders(stack.vhost)).items() if q in work and n == node.name
+    ]
+    sessions = len(producer.events("relay_connected"))
+
+    async def counted_out() -> bool:
+        return node.name not in await cluster.running(witness)
+
+    async def elected() -> bool:
+        now = await cluster.leaders(stack.vhost, witness)
+        return all(now[queue] != node.name for queue in led)
+
+    async def moved() -> bool:
+        return len(producer.events("relay_connected")) > sessions
+
+    async def rejoined() -> bool:
+        return len(await cluster.running(witness)) == len(cluster.nodes)
+
+    await node.host.cut()
+    try:
+        for condition in (counted_out, elected, moved):
+            await _until(condition, 90)
+        stack.elections += len(led)
+        await asyncio.sleep(t.outage / 2)  # the majority serves meanwhile
+    finally:
+        await node.host.heal()
+    await _until(rejoined, 120)
+
+
 async def rolling_restart(stack: Stack, t: Timing) -> None:
     """Each node stopped cleanly and started again in turn, as an upgrade does."""
     for node in _cluster(stack).nodes:
@@ -437,6 +477,7 @@ CLUSTER_SCENARIOS = (
     Scenario("cluster-leader-sigkill", work_leader_killed, "elections"),
     Scenario("cluster-connected-node-sigkill", connected_node_killed, "reconnects"),
     Scenario("cluster-rolling-restart", rolling_restart, "reconnects"),
+    Scenario("cluster-node-partitioned", node_partitioned, "reconnects"),
 )
 
 

@@ -49,20 +49,95 @@ RABBITMQ4 = str(Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq4.sh"
 IN_ROOT = bool(os.environ.get("RABBITMQ4_ROOT"))
 
 
-class RabbitNode:
-    """``rabbitmq-server -detached`` as node ``fault<port>@localhost``, in a temporary directory."""
+class Host:
+    """A machine of a cluster's own: a network namespace on a bridge of the test's
+    (``10.232.0.0/24``), with a name that the Debian 13 root resolves (its ``/etc/hosts``).
+    Taking its link down cuts it off from the other hosts and from every client at once."""
 
-    def __init__(self) -> None:
+    BRIDGE, NETWORK = "orders-fbr", "10.232.0"
+
+    def __init__(self, number: int) -> None:
+        self.name = f"orders-fh{number}"  # the namespace's and the host's
+        self.address = f"{self.NETWORK}.{10 + number}"
+        self.link = f"orders-fv{number}"  # the bridge's end of its veth pair
+
+    def exec(self, *args: str) -> tuple[str, ...]:
+        """``args`` as a command run inside the namespace, under the host's name (a CLI node is
+        named after the host it runs on, and the nodes it talks to connect back to that name)."""
+        named = ("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.name)
+        return ("ip", "netns", "exec", self.name, *named, *args)
+
+    async def create(self) -> None:
+        await self.remove()  # what an interrupted run left
+        with contextlib.suppress(RuntimeError):  # the bridge is there already
+            await run("ip", "link", "add", self.BRIDGE, "type", "bridge")
+            await run("ip", "addr", "add", f"{self.NETWORK}.1/24", "dev", self.BRIDGE)
+        await run("ip", "link", "set", self.BRIDGE, "up")
+        await run("ip", "netns", "add", self.name)
+        await run(
+            "ip",
+            "link",
+            "add",
+            self.link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.name,
+        )
+        await run("ip", "link", "set", self.link, "master", self.BRIDGE, "up")
+        await run("ip", "-n", self.name, "addr", "add", f"{self.address}/24", "dev", "eth0")
+        await run("ip", "-n", self.name, "link", "set", "eth0", "up")
+        await run("ip", "-n", self.name, "link", "set", "lo", "up")
+        hosts = Path(os.environ["RABBITMQ4_ROOT"]) / "etc" / "hosts"
+        entry = f"{self.address} {self.name}\n"
+        if entry not in hosts.read_text():
+            with hosts.open("a") as file:
+                file.write(entry)
+
+    async def cut(self) -> None:
+        await run("ip", "link", "set", self.link, "down")
+
+    async def heal(self) -> None:
+        await run("ip", "link", "set", self.link, "up")
+
+    async def remove(self) -> None:
+        """Kill what still runs in the namespace (epmd outlives its node), then delete it."""
+        with contextlib.suppress(RuntimeError):
+            for pid in (await run("ip", "netns", "pids", self.name)).split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            await run("ip", "netns", "del", self.name)
+
+    @classmethod
+    async def remove_bridge(cls) -> None:
+        with contextlib.suppress(RuntimeError):
+            await run("ip", "link", "del", cls.BRIDGE)
+
+
+class RabbitNode:
+    """``rabbitmq-server -detached`` as node ``fault<port>@localhost``, in a temporary directory;
+    with a ``host``, as ``fault<port>@<host>`` inside that host's namespace."""
+
+    def __init__(self, host: Host | None = None) -> None:
         base = None
         if IN_ROOT:  # as scripts/rabbitmq4.sh names it
             base = os.environ.get("RABBITMQ4_NODES") or os.environ["RABBITMQ4_ROOT"] + ".nodes"
             os.makedirs(base, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="orders-rabbit-", dir=base))
+        self.host = host
+        self.address = host.address if host else "127.0.0.1"
         self.port, self.dist_port = free_port(), free_port()
-        self.name = f"fault{self.port}@localhost"
+        self.name = f"fault{self.port}@{host.name if host else 'localhost'}"
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir()
-        (self.dir / "rabbit.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        (self.dir / "rabbit.conf").write_text(
+            f"listeners.tcp.default = {self.address}:{self.port}\n"
+            # guest comes from the bridge, not from loopback, to a node on a host of its own
+            + ("loopback_users = none\n" if host else "")
+        )
         (self.dir / "plugins").write_text("[].\n")
         self._own()
         self.env = {
@@ -78,7 +153,7 @@ class RabbitNode:
         self.pid = 0
 
     def url(self, vhost: str, port: int | None = None) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{port or self.port}/{vhost}"
+        return f"amqp://guest:guest@{self.address}:{port or self.port}/{vhost}"
 
     def _own(self) -> None:
         """The node's files belong to the rabbitmq user (the root's own, chowned as it starts)."""
@@ -92,14 +167,18 @@ class RabbitNode:
             conf.write(lines)
         self._own()
 
+    def _here(self, *args: str) -> tuple[str, ...]:
+        """``args`` as a command run where the node runs: in its host's namespace, if it has one
+        (there ``rabbitmqctl`` reaches the node even while the host is cut off)."""
+        return self.host.exec(*args) if self.host else args
+
     async def ctl(self, *args: str, timeout: float = 60) -> str:
         tool = (RABBITMQ4, "ctl") if IN_ROOT else ("rabbitmqctl",)
-        return await run(*tool, "-q", "-n", self.name, *args, timeout=timeout)
+        return await run(*self._here(*tool), "-q", "-n", self.name, *args, timeout=timeout)
 
     async def start(self) -> None:
-        await run(
-            *((RABBITMQ4, "server") if IN_ROOT else ("rabbitmq-server", "-detached")), env=self.env
-        )
+        server = (RABBITMQ4, "server") if IN_ROOT else ("rabbitmq-server", "-detached")
+        await run(*self._here(*server), env=self.env)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -161,18 +240,25 @@ class RabbitNode:
 
 
 class RabbitCluster:
-    """Three ``RabbitNode``s joined into one cluster; clients are given every node's address."""
+    """Three ``RabbitNode``s joined into one cluster, each on a ``Host`` of its own (so that one
+    can be cut off); clients are given every node's address. RabbitMQ 4 from the Debian 13 root
+    (``RABBITMQ4_ROOT``), whose ``/etc/hosts`` names the hosts."""
 
     def __init__(self, size: int = 3) -> None:
-        self.nodes = [RabbitNode() for _ in range(size)]
-        for node in self.nodes:  # a minority stops serving rather than diverge
-            node.configure("cluster_partition_handling = pause_minority\n")
+        if not IN_ROOT:
+            raise RuntimeError("a cluster's nodes are RabbitMQ 4: set RABBITMQ4_ROOT")
+        self.hosts = [Host(n) for n in range(1, size + 1)]
+        self.nodes = [RabbitNode(host) for host in self.hosts]
+        for node in self.nodes:  # a minority stops serving rather than diverge, noticed in ~10 s
+            node.configure("cluster_partition_handling = pause_minority\nnet_ticktime = 10\n")
 
     def url(self, vhost: str) -> str:
-        listed = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        listed = ",".join(f"{node.address}:{node.port}" for node in self.nodes)
         return f"amqp://guest:guest@{listed}/{vhost}"
 
     async def start(self) -> None:
+        for host in self.hosts:
+            await host.create()
         for node in self.nodes:
             await node.start()
         for node in self.nodes[1:]:
@@ -189,9 +275,10 @@ class RabbitCluster:
     def node(self, name: str) -> RabbitNode:
         return next(node for node in self.nodes if node.name == name)
 
-    async def leaders(self, vhost: str) -> dict[str, str]:
-        """Each quorum queue of ``vhost`` and the node that leads it."""
-        out = await self.ctl("list_queues", "-p", vhost, "name", "leader", "--no-table-headers")
+    async def leaders(self, vhost: str, seen_by: RabbitNode | None = None) -> dict[str, str]:
+        """Each quorum queue of ``vhost`` and the node that leads it (as ``seen_by`` sees it)."""
+        args = ("list_queues", "-p", vhost, "name", "leader", "--no-table-headers")
+        out = await (seen_by.ctl(*args) if seen_by else self.ctl(*args))
         return dict(line.split() for line in out.splitlines() if line.strip())
 
     async def node_of(self, connection: str) -> RabbitNode:
@@ -203,12 +290,20 @@ class RabbitCluster:
                 return next(node for node in self.nodes if node.port == listed["port"])
         raise RuntimeError(f"no connection named {connection!r}: {out}")
 
+    async def running(self, seen_by: RabbitNode) -> set[str]:
+        """The nodes that ``seen_by`` counts as running in its cluster."""
+        out = await seen_by.ctl("cluster_status", "--formatter", "json")
+        return set(json.loads(out)["running_nodes"])
+
     async def add_vhost(self, vhost: str) -> None:
         await self.ctl("add_vhost", vhost)
         await self.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
 
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes))
+        for host in self.hosts:
+            await host.remove()
+        await Host.remove_bridge()
 
 
 class PostgresNode:

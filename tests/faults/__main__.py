@@ -1,7 +1,8 @@
 """``make faults``: every scenario at full length, then the table (``--short`` for the CI form).
 
 The single-node scenarios run on one RabbitMQ node with ``--kind``'s queues; the cluster's on
-three nodes in one cluster, with quorum queues (the kind a cluster replicates)."""
+three nodes in one cluster, with quorum queues (the kind a cluster replicates); the database's
+failovers on a primary and two standbys under Patroni, with one RabbitMQ node."""
 
 import argparse
 import asyncio
@@ -12,6 +13,7 @@ import sys
 from shared import topology
 from tests.faults.harness import (
     CLUSTER_SCENARIOS,
+    DATABASE_SCENARIOS,
     FULL,
     SCENARIOS,
     SHORT,
@@ -20,23 +22,27 @@ from tests.faults.harness import (
     run_scenario,
     table,
 )
-from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode, run
+from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode, run
 
 
 async def main(names: list[str], short: bool, kind: topology.Kind) -> int:
     single = [s for s in SCENARIOS if not names or s.name in names]
     clustered = [s for s in CLUSTER_SCENARIOS if not names or s.name in names]
+    failing_over = [s for s in DATABASE_SCENARIOS if not names or s.name in names]
     timing = SHORT if short else FULL
     broker, database = RabbitNode(), PostgresNode()
     await asyncio.gather(broker.start(), database.start())
     results: list[Result] = []
 
     async def each(
-        scenarios: list[Scenario], on: RabbitNode | RabbitCluster, k: topology.Kind
+        scenarios: list[Scenario],
+        on: RabbitNode | RabbitCluster,
+        k: topology.Kind,
+        store: PostgresNode | PostgresCluster = database,
     ) -> None:
         for scenario in scenarios:
             print(f"running {scenario.name} ...", file=sys.stderr, flush=True)
-            results.append(await run_scenario(scenario, on, database, timing, kind=k))
+            results.append(await run_scenario(scenario, on, store, timing, kind=k))
             print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
 
     try:
@@ -49,6 +55,13 @@ async def main(names: list[str], short: bool, kind: topology.Kind) -> int:
                 await each(clustered, cluster, topology.Kind.QUORUM)
             finally:
                 await cluster.stop()
+        if failing_over:
+            primary_and_standby = PostgresCluster()
+            try:
+                await primary_and_standby.start()
+                await each(failing_over, broker, kind, primary_and_standby)
+            finally:
+                await primary_and_standby.stop()
     finally:
         await asyncio.gather(broker.stop(), database.stop())
     postgres = (await run("psql", "--version")).split()[2]

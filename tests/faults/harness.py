@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 
-from shared import amqp, setup, topology
+from shared import amqp, db, setup, topology
 from shared.settings import SetupSettings
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
-from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
+from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"
@@ -57,6 +57,9 @@ class Request:
     tries: int = 0
 
 
+CONNECTIONS = 64  # the load's HTTP connections, each with one request at a time
+
+
 @dataclass
 class Load:
     """Steady HTTP load at ``rate`` orders/s until ``stop_in`` is called and its time is up."""
@@ -67,6 +70,7 @@ class Load:
     in_doubt_events: int = 0
     unavailable: int = 0  # 503 answers (with Retry-After)
     end: float = math.inf  # monotonic time the last order is sent by
+    _connections: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONNECTIONS))
 
     def stop_in(self, seconds: float) -> None:
         """Keep sending for ``seconds`` more: a fault that ran long still has load after it."""
@@ -74,7 +78,7 @@ class Load:
 
     async def run(self) -> None:
         started = time.monotonic()
-        limits = httpx.Limits(max_connections=64)
+        limits = httpx.Limits(max_connections=CONNECTIONS)
         async with httpx.AsyncClient(
             base_url=self.base_url, headers=AUTH, timeout=5, limits=limits
         ) as client:
@@ -97,11 +101,14 @@ class Load:
         }
         while time.monotonic() < give_up:
             request.tries += 1
-            wait = 0.5
+            # as a client should: a timeout is retried later each time (0.5 s doubling to 8 s),
+            # or thousands of retries of a stalled API would load this process, not the API
+            wait = min(0.5 * 2 ** (request.tries - 1), 8.0)
             try:
-                response = await client.post(
-                    "/orders", json=body, headers={"Idempotency-Key": request.key}
-                )
+                async with self._connections:  # httpx's pool grows slow with many waiting on it
+                    response = await client.post(
+                        "/orders", json=body, headers={"Idempotency-Key": request.key}
+                    )
             except httpx.HTTPError:
                 response = None
             if response is not None and response.status_code == 202:
@@ -126,7 +133,7 @@ class Stack:
         self,
         name: str,
         broker: RabbitNode | RabbitCluster,
-        database: PostgresNode,
+        database: PostgresNode | PostgresCluster,
         consumers: int,
         relay_apart: bool = False,
         kind: topology.Kind = topology.Kind.CLASSIC,
@@ -178,7 +185,7 @@ class Stack:
 
     async def start(self) -> None:
         await self.broker.add_vhost(self.vhost)
-        admin = await asyncpg.connect(self.database.url())
+        admin = await db.connect(self.database.url())
         await admin.execute(f'CREATE DATABASE "{self.dbname}"')
         await admin.close()
         env = self.env()
@@ -451,6 +458,51 @@ async def rolling_restart(stack: Stack, t: Timing) -> None:
         await asyncio.sleep(t.churn / 4)
 
 
+# On a primary and a synchronous standby under Patroni (one RabbitMQ node).
+def _database_cluster(stack: Stack) -> PostgresCluster:
+    assert isinstance(stack.database, PostgresCluster)
+    return stack.database
+
+
+async def primary_killed(stack: Stack, t: Timing) -> None:
+    """SIGKILL everything on the primary's host (Patroni and PostgreSQL: the machine dies) until
+    the standby is promoted, a while longer; then start it again: it rejoins as the standby."""
+    cluster = _database_cluster(stack)
+    primary = await cluster.leader()
+    assert primary is not None
+    await primary.kill_all()
+    await cluster.promoted(other_than=primary)
+    await asyncio.sleep(t.outage / 2)
+    await cluster.start_member(primary)
+    await cluster.healthy()
+
+
+async def primary_partitioned(stack: Stack, t: Timing) -> None:
+    """Cut the primary's host off from the standby, from etcd and from every client until the
+    standby is promoted, a while longer; then heal it: it finds itself demoted and rejoins."""
+    cluster = _database_cluster(stack)
+    primary = await cluster.leader()
+    assert primary is not None
+    await primary.cut()
+    try:
+        await cluster.promoted(other_than=primary)
+        await asyncio.sleep(t.outage / 2)
+    finally:
+        await primary.heal()
+    await cluster.healthy()
+
+
+async def switchover(stack: Stack, t: Timing) -> None:
+    """A planned switchover to the synchronous standby, as before maintenance of the primary."""
+    cluster = _database_cluster(stack)
+    roles = await cluster.roles()
+    primary = next(cluster.host(n) for n, role in roles.items() if role == "leader")
+    standby = next(cluster.host(n) for n, role in roles.items() if role == "sync_standby")
+    await cluster.switchover(primary, standby)
+    await cluster.promoted(other_than=primary)
+    await cluster.healthy()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -479,6 +531,11 @@ CLUSTER_SCENARIOS = (
     Scenario("cluster-rolling-restart", rolling_restart, "reconnects"),
     Scenario("cluster-node-partitioned", node_partitioned, "reconnects"),
 )
+DATABASE_SCENARIOS = (
+    Scenario("db-primary-sigkill", primary_killed, "failovers"),
+    Scenario("db-primary-partitioned", primary_partitioned, "failovers"),
+    Scenario("db-switchover", switchover, "failovers"),
+)
 
 
 @dataclass
@@ -499,6 +556,7 @@ class Result:
     stalled: int
     restarts: int
     elections: int
+    failovers: int
     recovery_s: float
     drained_s: float
     evidence: str
@@ -517,7 +575,7 @@ class Result:
 async def run_scenario(
     scenario: Scenario,
     broker: RabbitNode | RabbitCluster,
-    database: PostgresNode,
+    database: PostgresNode | PostgresCluster,
     t: Timing,
     consumers: int = 3,
     kind: topology.Kind = topology.Kind.CLASSIC,
@@ -531,6 +589,7 @@ async def run_scenario(
     try:
         await asyncio.sleep(t.warmup)
         restarts_before = stack.starts
+        failovers_before = _failovers(database)
         await scenario.fault(stack, t)
         healed = datetime.now(UTC)
         load.stop_in(t.cooldown)  # orders keep coming after the fault, however long it took
@@ -551,6 +610,7 @@ async def run_scenario(
             stalled=stalled,
             restarts=stack.starts - restarts_before,
             elections=stack.elections,
+            failovers=_failovers(database) - failovers_before,
             recovery_s=recovery,
             drained_s=drained,
             evidence=scenario.evidence,
@@ -560,6 +620,10 @@ async def run_scenario(
         load_task.cancel()  # gone already unless the fault itself failed
         watch.cancel()
         await stack.stop()
+
+
+def _failovers(database: PostgresNode | PostgresCluster) -> int:
+    return database.failovers if isinstance(database, PostgresCluster) else 0
 
 
 async def _watch_readiness(base_url: str, seen: list[int]) -> None:
@@ -592,7 +656,7 @@ async def _connect(stack: Stack) -> asyncpg.Connection:
     deadline = time.monotonic() + 60
     while True:
         try:
-            return await asyncpg.connect(stack.database.url(stack.dbname))
+            return await db.connect(stack.database.url(stack.dbname))
         except (OSError, asyncpg.PostgresError):
             if time.monotonic() > deadline:
                 raise
@@ -680,6 +744,7 @@ COLUMNS = (
     ("not ready", "not_ready"),
     ("stalled", "stalled"),
     ("elections", "elections"),
+    ("failovers", "failovers"),
     ("recovery s", "recovery_s"),
     ("drained s", "drained_s"),
     ("pass", "passed"),

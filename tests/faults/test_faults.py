@@ -8,6 +8,7 @@ import pytest
 from shared import topology
 from tests.faults.harness import (
     CLUSTER_SCENARIOS,
+    DATABASE_SCENARIOS,
     SCENARIOS,
     SHORT,
     Result,
@@ -15,7 +16,7 @@ from tests.faults.harness import (
     run_scenario,
     table,
 )
-from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
+from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,15 @@ def cluster() -> Iterator[RabbitCluster]:
     asyncio.run(nodes.start())
     yield nodes
     asyncio.run(nodes.stop())
+
+
+@pytest.fixture(scope="module")
+def primary_and_standby() -> Iterator[PostgresCluster]:
+    """A PostgreSQL primary and synchronous standby under Patroni, for the failover scenarios."""
+    database = PostgresCluster()
+    asyncio.run(database.start())
+    yield database
+    asyncio.run(database.stop())
 
 
 async def _start(broker: RabbitNode, database: PostgresNode) -> None:
@@ -59,6 +69,16 @@ async def test_on_a_cluster_no_order_is_lost_or_applied_twice_under(
 ) -> None:
     result = await run_scenario(scenario, cluster, nodes[1], SHORT, kind=topology.Kind.QUORUM)
     _passed(scenario, result)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", DATABASE_SCENARIOS, ids=[s.name for s in DATABASE_SCENARIOS])
+async def test_when_the_database_fails_over_no_order_is_lost_or_applied_twice_under(
+    scenario: Scenario,
+    primary_and_standby: PostgresCluster,
+    nodes: tuple[RabbitNode, PostgresNode],
+) -> None:
+    _passed(scenario, await run_scenario(scenario, nodes[0], primary_and_standby, SHORT))
 
 
 def _passed(scenario: Scenario, result: Result) -> None:

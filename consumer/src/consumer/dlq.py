@@ -14,11 +14,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from shared import amqp, messages, topology
+from shared import amqp, db, messages, topology
 from shared.settings import ConsumerSettings
 
 LANES = ("orders", "crawls")  # each kind's lanes, by name (``Topology.lane``)
@@ -139,7 +138,7 @@ async def replay(
     """Send the selected dead letters back to work; what they stand for is reopened. A dead
     letter that names no order (or crawl page) the database holds stays where it is."""
     result = Replayed([], [])
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await db.connect(settings.database_url)
     try:
         async with (
             await amqp.connect(settings.rabbitmq_url, "dlq-replay") as connection,

@@ -133,11 +133,13 @@ class Relay:
         while not self._stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._settings.database_url, timeout=10)
+                conn = await db.connect(self._settings.database_url)
                 await conn.add_listener(db.OUTBOX_CHANNEL, woken)
                 while not conn.is_closed() and not self._stopping.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), 5)
+                    # a host cut off closes nothing: ask, so that a new primary is found
+                    await conn.execute("SELECT 1", timeout=5)
             except Exception as exc:
                 log.debug("outbox listener: %r", exc)
             finally:

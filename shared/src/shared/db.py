@@ -16,9 +16,12 @@ import re
 import time
 from enum import StrEnum
 from importlib import resources
+from typing import Any, cast
 
 import asyncpg
 import orjson
+
+from shared import hosts, logs
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +145,48 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     locks), so asyncpg's default reset would only add a round trip to every query."""
 
 
+CONNECT_TIMEOUT = 10.0  # seconds, for each host a URL names
+
+# A host that cannot take this connection now: the next one may.
+_NEXT_HOST = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery
+    asyncpg.exceptions.TargetServerAttributeNotMatched,  # a standby
+)
+
+
+async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """A connection to ``url``'s database. A URL that names several hosts (``shared/hosts.py``: a
+    primary and its standbys, libpq's way) gets the one that takes writes: each is tried in turn,
+    with a timeout of its own (asyncpg's multi-host connect spends one timeout on all of them,
+    and a host cut off, rather than refusing, uses it up)."""
+    nodes = hosts.each(url)
+    kwargs.setdefault("timeout", CONNECT_TIMEOUT)
+    if len(nodes) > 1:
+        kwargs.setdefault("target_session_attrs", "read-write")
+    for n, node in enumerate(nodes, 1):
+        try:
+            return await asyncpg.connect(node, **kwargs)
+        except _NEXT_HOST as exc:
+            if n == len(nodes):
+                raise
+            log.warning(
+                "database host %s unavailable (%r); trying the next",
+                hosts.redact(node),
+                exc,
+                extra=logs.event("database_host_unavailable", host=hosts.redact(node)),
+            )
+    raise AssertionError("a URL names at least one host")
+
+
 async def create_pool(url: str, size: int) -> asyncpg.Pool:
     """A pool that connects lazily, so a service can start while the database is down."""
     pool = await asyncpg.create_pool(
         url,
         min_size=0,
         max_size=size,
+        connect=cast(Any, connect),  # called as connect(url, **the pool's connect arguments)
         init=_init_connection,
         reset=_keep_session,
         command_timeout=30,

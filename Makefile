@@ -9,7 +9,7 @@ N ?= 5
 CONSUMERS ?= 2
 KIND ?= classic
 
-.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench bench-kinds bench-cluster lint fmt typecheck clean
+.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench bench-kinds bench-cluster bench-ha lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -80,11 +80,22 @@ bench-cluster: sync ## make bench's submit, relay, drain (large and small backlo
 	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench@localhost" BENCH_RABBITMQ_PORT=5684 \
 	  $(UV) run python -m bench --kind quorum --only $(BENCH_PHASES)
 	scripts/rabbitmq4.sh stop orders-bench
-	for n in 1 2 3; do scripts/rabbitmq4.sh start orders-bench-c$$n $$((5684 + n)); done
+	# at once: a node that was not the last to stop waits for the others to start (a second run)
+	for n in 1 2 3; do scripts/rabbitmq4.sh start orders-bench-c$$n $$((5684 + n)) & done; wait
 	for n in 2 3; do scripts/rabbitmq4.sh join orders-bench-c$$n orders-bench-c1; done
 	RABBITMQCTL="scripts/rabbitmq4.sh ctl -n orders-bench-c1@localhost" BENCH_RABBITMQ_PORT=5685,5686,5687 \
 	  $(UV) run python -m bench --kind quorum --only $(BENCH_PHASES)
 	for n in 1 2 3; do scripts/rabbitmq4.sh stop orders-bench-c$$n; done
+
+# What synchronous replication costs: the same phases on one PostgreSQL 17 under Patroni, then on a
+# primary with a synchronous standby and a second standby, each member on a host of its own.
+HA_PHASES := submit16,drain1
+bench-ha: sync ## make bench's submit and drain on one PostgreSQL 17, then on a primary with a synchronous standby (Patroni; 8-12 min)
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	for database in alone failover; do \
+	  RABBITMQ4_ROOT=$${RABBITMQ4_ROOT:-/var/cache/orders/trixie} \
+	    $(UV) run python -m bench --only $(HA_PHASES) --database $$database || exit 1; \
+	done
 
 lint: sync ## ruff lint and format check
 	$(UV) run ruff check .

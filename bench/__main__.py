@@ -26,9 +26,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import uvloop
@@ -36,6 +36,7 @@ from yarl import URL
 
 from bench import baselines, load
 from shared import amqp, db, hosts, messages, topology
+from testbed.patroni import PostgresCluster
 from testbed.processes import Producer, Relay, Service, free_port
 
 SKUS = 100
@@ -145,7 +146,7 @@ class Bench:
 
     @asynccontextmanager
     async def connection(self) -> Any:
-        conn = await asyncpg.connect(self.database_url)
+        conn = await db.connect(self.database_url)
         try:
             yield conn
         finally:
@@ -252,10 +253,35 @@ def _pids(user: str) -> list[int]:
     return [pid for pid, owner, root in _processes() if owner == uid and root == "/"]
 
 
+def _root_uids(*users: str) -> set[int]:
+    """The ids of ``users`` in the Debian 13 root (scripts/rabbitmq4.sh), which mean other users
+    out here."""
+    try:
+        lines = (Path(RABBITMQ4_ROOT) / "etc" / "passwd").read_text().splitlines()
+    except OSError:
+        return set()
+    return {int(fields[2]) for fields in (line.split(":") for line in lines) if fields[0] in users}
+
+
+_DATABASE_USERS = ("postgres", "etcd")  # in the root: PostgreSQL and Patroni, etcd (make bench-ha)
+
+
 def _broker() -> list[int]:
     """The broker's processes: the machine's own ``rabbitmq`` user's, or those running in the
-    RabbitMQ 4 root (scripts/rabbitmq4.sh), whose users' ids mean other users out here."""
-    return _pids("rabbitmq") + [pid for pid, _, root in _processes() if root == RABBITMQ4_ROOT]
+    root but the database's."""
+    theirs = _root_uids(*_DATABASE_USERS)
+    return _pids("rabbitmq") + [
+        pid for pid, owner, root in _processes() if root == RABBITMQ4_ROOT and owner not in theirs
+    ]
+
+
+def _database() -> list[int]:
+    """The database's processes: the machine's own ``postgres`` user's, and a failover cluster's
+    in the root (PostgreSQL, Patroni, etcd)."""
+    theirs = _root_uids(*_DATABASE_USERS)
+    return _pids("postgres") + [
+        pid for pid, owner, root in _processes() if root == RABBITMQ4_ROOT and owner in theirs
+    ]
 
 
 def _processes() -> Iterator[tuple[int, int, str]]:
@@ -360,7 +386,7 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
         {
             **bench.producer_pids(producer),
             "broker": _broker,
-            "database": lambda: _pids("postgres"),
+            "database": _database,
         }
     )
     try:
@@ -434,7 +460,7 @@ async def drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
         {
             "consumer": lambda: [s.pid for s in bench.services],
             "broker": _broker,
-            "database": lambda: _pids("postgres"),
+            "database": _database,
         }
     )
     with watch.running():
@@ -490,7 +516,7 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
                 **bench.producer_pids(producer),
                 "consumers": lambda: [s.pid for s in workers],
                 "broker": _broker,
-                "database": lambda: _pids("postgres"),
+                "database": _database,
             }
         )
         with watch.running():
@@ -795,8 +821,8 @@ def _prepare(amqp_url: str, database_url: str) -> None:
         )
 
     async def create() -> None:
-        name = URL(database_url).path.lstrip("/")
-        admin = await asyncpg.connect(str(URL(database_url).with_path("/postgres")))
+        server, name = database_url.split("?")[0].rsplit("/", 1)  # its hosts may be several
+        admin = await db.connect(f"{server}/postgres")
         if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             await admin.execute(f'CREATE DATABASE "{name}"')
         await admin.close()
@@ -837,7 +863,34 @@ def main() -> int:
         help="QUEUE_KIND of the run (both: a table for each, one after the other); the vhost is"
         " emptied of the other kind's queues",
     )
+    parser.add_argument(
+        "--database",
+        choices=list(_DATABASES),
+        default="server",
+        help="alone: one PostgreSQL 17 under Patroni on a host of its own; failover: a primary"
+        " with a synchronous standby and a second standby; both started for the run"
+        " (testbed/patroni.py) instead of BENCH_DATABASE_URL's server",
+    )
     args = parser.parse_args()
+    if args.database != "server":
+        cluster = PostgresCluster(size=1 if args.database == "alone" else 3)
+        asyncio.run(cluster.start())
+        try:
+            os.environ["BENCH_DATABASE_URL"] = cluster.url("orders_bench")
+            return _run(args)
+        finally:
+            asyncio.run(cluster.stop())
+    return _run(args)
+
+
+_DATABASES = {
+    "server": "BENCH_DATABASE_URL's server",
+    "alone": "one PostgreSQL 17 under Patroni, no standby",
+    "failover": "a PostgreSQL 17 primary with a synchronous standby and a second (Patroni)",
+}
+
+
+def _run(args: argparse.Namespace) -> int:
     # The local broker's port, or a local cluster's ports separated by commas.
     ports = os.environ.get("BENCH_RABBITMQ_PORT", "5672").split(",")
     nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
@@ -870,6 +923,7 @@ def main() -> int:
             f" CONCURRENCY={consumer_env['CONCURRENCY']},"
             f" ORDER_WORK_MS={consumer_env['ORDER_WORK_MS']};"
             f" the relay {where};"
+            f" the database {_DATABASES[args.database]};"
             f" took {time.perf_counter() - started:.0f} s\n"
         )
         print("\n".join(lines), flush=True)

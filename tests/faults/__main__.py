@@ -11,6 +11,8 @@ import platform
 import sys
 
 from shared import topology
+from testbed.netns import run
+from testbed.patroni import PostgresCluster
 from tests.faults.harness import (
     CLUSTER_SCENARIOS,
     DATABASE_SCENARIOS,
@@ -22,7 +24,7 @@ from tests.faults.harness import (
     run_scenario,
     table,
 )
-from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode, run
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 
 
 async def main(names: list[str], short: bool, kind: topology.Kind) -> int:

@@ -23,8 +23,9 @@ import httpx
 
 from shared import amqp, db, setup, topology
 from shared.settings import SetupSettings
+from testbed.patroni import PostgresCluster
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
-from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 from tests.integration.proxy import Proxy
 
 SKU = "FAULT-1"

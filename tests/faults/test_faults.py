@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared import topology
+from testbed.patroni import PostgresCluster
 from tests.faults.harness import (
     CLUSTER_SCENARIOS,
     DATABASE_SCENARIOS,
@@ -16,7 +17,7 @@ from tests.faults.harness import (
     run_scenario,
     table,
 )
-from tests.faults.nodes import PostgresCluster, PostgresNode, RabbitCluster, RabbitNode
+from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
-from testbed.netns import Host, run
+from testbed.netns import Host, alive, run
 from testbed.processes import free_port
 
 POSTGRES_HA = str(Path(__file__).resolve().parents[1] / "scripts" / "postgres-ha.sh")
@@ -191,13 +192,14 @@ class PostgresCluster:
         )
 
     async def stop(self) -> None:
+        """Everything gone (by process id: ``start`` may have run in another event loop)."""
         for host in self.hosts:
-            await host.remove()
-        if self._etcd and self._etcd.returncode is None:
-            self._etcd.kill()
-            await self._etcd.wait()
-        for member in self.members.values():
+            await host.remove()  # its member, and anything else in it
+        if self._etcd:
             with contextlib.suppress(ProcessLookupError):
-                member.kill()
+                os.kill(self._etcd.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # reaped by asyncio's child watcher meanwhile
+            while alive(self._etcd.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         await Host.remove_bridge()
         shutil.rmtree(self.dir, ignore_errors=True)

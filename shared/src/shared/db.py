@@ -153,6 +153,7 @@ _NEXT_HOST = (
     TimeoutError,
     asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery
     asyncpg.exceptions.TargetServerAttributeNotMatched,  # a standby
+    asyncpg.InvalidCatalogNameError,  # a standby that has not replayed the database's creation
 )
 
 

@@ -164,7 +164,7 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
     and a host cut off, rather than refusing, uses it up)."""
     nodes = hosts.each(url)
     kwargs.setdefault("timeout", CONNECT_TIMEOUT)
-    if len(nodes) > 1:
+    if len(nodes) > 1 and "target_session_attrs" not in url:  # the URL's own choice wins
         kwargs.setdefault("target_session_attrs", "read-write")
     for n, node in enumerate(nodes, 1):
         try:

@@ -26,11 +26,12 @@ async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 
 
 def alive(pid: int) -> bool:
+    """``pid`` runs: it exists and is not a zombie (a child of ours not yet reaped is dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state != "Z"
 
 
 class Host:

@@ -6,12 +6,12 @@ import contextlib
 import json
 import os
 import shutil
-import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from testbed.netns import Host, alive, run
+from testbed.netns import Host, run
 from testbed.processes import free_port
 
 POSTGRES_HA = str(Path(__file__).resolve().parents[1] / "scripts" / "postgres-ha.sh")
@@ -40,8 +40,8 @@ class PostgresCluster:
         self.dir.chmod(0o1777)  # its members (postgres) and etcd (etcd) make their own
         self.hosts = [Host(n) for n in range(4, 4 + size)]  # beside a RabbitCluster's 1-3
         self.etcd_port, self.etcd_peer_port = free_port(), free_port()
-        self.members: dict[str, asyncio.subprocess.Process] = {}
-        self._etcd: asyncio.subprocess.Process | None = None
+        self.members: dict[str, subprocess.Popen[bytes]] = {}
+        self._etcd: subprocess.Popen[bytes] | None = None
         self.failovers = 0
 
     def url(self, database: str = "postgres") -> str:
@@ -98,10 +98,10 @@ class PostgresCluster:
         await run(POSTGRES_HA, "root", timeout=600)
         for host in self.hosts:
             await host.create()
-        log = (self.dir / "etcd.log").open("ab")
         client = f"http://{Host.NETWORK}.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self._etcd = await asyncio.create_subprocess_exec(
+        self._etcd = self._spawn(
+            "etcd.log",
             POSTGRES_HA,
             "etcd",
             "--name",
@@ -118,20 +118,22 @@ class PostgresCluster:
             peer,
             "--initial-cluster",
             f"etcd={peer}",
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
         )
         for host in self.hosts:
             await self.start_member(host)
         await self.healthy()
 
     async def start_member(self, host: Host) -> None:
-        log = (self.dir / f"{host.name}.log").open("ab")
-        self.members[host.name] = await asyncio.create_subprocess_exec(
-            *host.exec(POSTGRES_HA, "patroni", str(self._config(host))),
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
+        config = str(self._config(host))
+        self.members[host.name] = self._spawn(
+            f"{host.name}.log", *host.exec(POSTGRES_HA, "patroni", config)
         )
+
+    def _spawn(self, log: str, *args: str) -> subprocess.Popen[bytes]:
+        """A daemon of the cluster's, its output appended to ``log`` in the cluster's directory.
+        Not an asyncio subprocess: it outlives the event loop that starts it (a fixture's)."""
+        with (self.dir / log).open("ab") as output:
+            return subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
 
     async def roles(self, seen_by: Host | None = None) -> dict[str, str]:
         """Each member's role (``leader``, ``sync_standby``, ``replica``) where it is running or
@@ -192,14 +194,13 @@ class PostgresCluster:
         )
 
     async def stop(self) -> None:
-        """Everything gone (by process id: ``start`` may have run in another event loop)."""
         for host in self.hosts:
             await host.remove()  # its member, and anything else in it
-        if self._etcd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._etcd.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10  # reaped by asyncio's child watcher meanwhile
-            while alive(self._etcd.pid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+        for process in (self._etcd, *self.members.values()):
+            if process is not None:
+                process.kill()  # nothing, if it is gone and reaped already
+                deadline = time.monotonic() + 10
+                while process.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
         await Host.remove_bridge()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -124,6 +124,8 @@ class PostgresCluster:
         await self.healthy()
 
     async def start_member(self, host: Host) -> None:
+        if (before := self.members.get(host.name)) is not None:  # killed with its host
+            await _reaped(before)
         config = str(self._config(host))
         self.members[host.name] = self._spawn(
             f"{host.name}.log", *host.exec(POSTGRES_HA, "patroni", config)
@@ -198,9 +200,14 @@ class PostgresCluster:
             await host.remove()  # its member, and anything else in it
         for process in (self._etcd, *self.members.values()):
             if process is not None:
-                process.kill()  # nothing, if it is gone and reaped already
-                deadline = time.monotonic() + 10
-                while process.poll() is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
+                await _reaped(process)
         await Host.remove_bridge()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def _reaped(process: subprocess.Popen[bytes]) -> None:
+    """``process`` killed (nothing, if it is gone already) and waited for, within 10 s."""
+    process.kill()
+    deadline = time.monotonic() + 10
+    while process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)

@@ -13,6 +13,7 @@ CONCURRENCY and ORDER_WORK_MS.
 import argparse
 import asyncio
 import dataclasses
+import functools
 import os
 import platform
 import pwd
@@ -253,14 +254,17 @@ def _pids(user: str) -> list[int]:
     return [pid for pid, owner, root in _processes() if owner == uid and root == "/"]
 
 
-def _root_uids(*users: str) -> set[int]:
+@functools.cache  # read once: the watch asks ten times a second
+def _root_uids(*users: str) -> frozenset[int]:
     """The ids of ``users`` in the Debian 13 root (scripts/rabbitmq4.sh), which mean other users
     out here."""
     try:
         lines = (Path(RABBITMQ4_ROOT) / "etc" / "passwd").read_text().splitlines()
     except OSError:
-        return set()
-    return {int(fields[2]) for fields in (line.split(":") for line in lines) if fields[0] in users}
+        return frozenset()
+    return frozenset(
+        int(fields[2]) for fields in (line.split(":") for line in lines) if fields[0] in users
+    )
 
 
 _DATABASE_USERS = ("postgres", "etcd")  # in the root: PostgreSQL and Patroni, etcd (make bench-ha)

@@ -433,7 +433,7 @@ async def node_partitioned(stack: Stack, t: Timing) -> None:
 
     async def elected() -> bool:
         now = await cluster.leaders(stack.vhost, witness)
-        return all(now[queue] != node.name for queue in led)
+        return all(now.get(queue, node.name) != node.name for queue in led)
 
     async def moved() -> bool:
         return len(producer.events("relay_connected")) > sessions
@@ -459,7 +459,7 @@ async def rolling_restart(stack: Stack, t: Timing) -> None:
         await asyncio.sleep(t.churn / 4)
 
 
-# On a primary and a synchronous standby under Patroni (one RabbitMQ node).
+# On a primary, a synchronous standby and a second standby under Patroni (one RabbitMQ node).
 def _database_cluster(stack: Stack) -> PostgresCluster:
     assert isinstance(stack.database, PostgresCluster)
     return stack.database

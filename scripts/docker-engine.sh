@@ -9,8 +9,9 @@
 #   scripts/docker-engine.sh stop      stop dockerd and the proxy, remove the namespace
 #
 # The namespace ($NETNS) is linked to the host by a veth pair ($HOST_IP here, $NS_IP there) and
-# routes out through it, but the host forwards nothing: builds reach PyPI through
-# scripts/pypi_proxy.py on $HOST_IP:$PROXY_PORT (the HTTPS_PROXY build argument), and published
+# routes out through it, but the host forwards nothing: builds reach PyPI and Debian's archive
+# through scripts/registry_proxy.py on $HOST_IP:$PROXY_PORT (the HTTPS_PROXY and http_proxy build
+# arguments), and published
 # ports are reached at $NS_IP. dockerd keeps its data, state and socket ($SOCK) to itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,7 @@ start() {
     docker version --format 'dockerd {{.Server.Version}}' || { tail -20 "$RUN/dockerd.log"; exit 1; }
   fi
   if ! [ -e "$RUN/proxy.pid" ] || ! kill -0 "$(cat "$RUN/proxy.pid")" 2>/dev/null; then
-    python3 scripts/pypi_proxy.py "$HOST_IP" "$PROXY_PORT" >"$RUN/proxy.log" 2>&1 &
+    python3 scripts/registry_proxy.py "$HOST_IP" "$PROXY_PORT" >"$RUN/proxy.log" 2>&1 &
     echo $! > "$RUN/proxy.pid"
   fi
 }
@@ -93,14 +94,20 @@ images() {
   base orders-local/bookworm:base bookworm python3
   base orders-local/trixie:base trixie rabbitmq-server,postgresql-17
   local dir=tests/deploy/images
-  mkdir -p "$RUN/python" "$RUN/uv"
+  mkdir -p "$RUN/python" "$RUN/uv" "$RUN/postgres"
+  # The images that reach PyPI trust the CAs the machine trusts (see images/python/Dockerfile).
   cp "$dir/python/Dockerfile" "$RUN/python/"
-  cp "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" "$RUN/python/ca-certificates.crt"
+  cp "$dir/postgres/"* "$RUN/postgres/"
+  for image in python postgres; do
+    cp "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" "$RUN/$image/machine-ca.crt"
+  done
   docker build -q -t orders-local/python:3.11 "$RUN/python" >/dev/null
   cp "$(command -v uv || echo .tools/bin/uv)" "$RUN/uv/uv"
   docker build -q -t orders-local/uv:local -f "$dir/uv/Dockerfile" "$RUN/uv" >/dev/null
   docker build -q -t orders-local/rabbitmq:4.0 "$dir/rabbitmq" >/dev/null
-  docker build -q -t orders-local/postgres:17 "$dir/postgres" >/dev/null
+  docker build -q -t orders-local/postgres:17 "$RUN/postgres" >/dev/null
+  docker build -q -t orders-local/etcd:3.5 --build-arg "http_proxy=http://$HOST_IP:$PROXY_PORT" \
+    "$dir/etcd" >/dev/null
   docker images --format '{{.Repository}}:{{.Tag}} {{.Size}}' 'orders-local/*'
 }
 

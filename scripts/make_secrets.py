@@ -3,8 +3,9 @@
 Writes under ``secrets/`` (git-ignored), keeping any file that already exists:
 
 - one random password per account: the broker's operator, producer and consumer users, the
-  database owner, and the producer's and consumer's database roles; and the Erlang cookie the
-  cluster variant's RabbitMQ nodes share;
+  database owner, and the producer's and consumer's database roles; and for the cluster variant,
+  the Erlang cookie its RabbitMQ nodes share, its database's replication password and the
+  password of Patroni's REST API;
 - ``api-keys``: one API key, named ``local``;
 - ``rabbitmq-definitions.json``: the vhost, the users (salted SHA-256 hashes of their passwords,
   as RabbitMQ stores them) and their permissions from ``shared/topology.py``, which RabbitMQ
@@ -34,6 +35,8 @@ PASSWORDS = (
     "producer-db-password",
     "consumer-db-password",
     "erlang-cookie",  # the cluster variant's nodes share it (docker-compose.cluster.yml)
+    "replication-password",  # the cluster variant's database: its standbys' replication role
+    "patroni-api-password",  # and what changes it through Patroni's REST API
 )
 
 

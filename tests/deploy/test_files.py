@@ -47,18 +47,31 @@ def test_the_cluster_variant_is_valid_and_replicated_everywhere() -> None:
     nodes = ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
     assert all({"source": "erlang_cookie"} in services[n]["secrets"] for n in nodes)
     assert [services[n].get("hostname") for n in nodes] == nodes
+    members = ["postgres", "postgres-2", "postgres-3"]
+    assert [services[n].get("hostname") for n in members] == members  # Patroni's member names
     for name in ("setup", "producer", "relay", "consumer"):
         env = services[name]["environment"]
         assert env["QUEUE_KIND"] == "quorum"
         assert env["RABBITMQ_URL"].split("@")[1].split("/")[0] == (
             "rabbitmq:5672,rabbitmq-2:5672,rabbitmq-3:5672"
         )
-    assert set(services["setup"]["depends_on"]) == {*nodes, "postgres"}
+        assert env["DATABASE_URL"].split("@")[1].split("/")[0] == (
+            "postgres:5432,postgres-2:5432,postgres-3:5432"
+        )
+    assert set(services["setup"]["depends_on"]) == {*nodes, *members}
+    # Patroni's store is reached by the members alone.
+    on_patroni = {name for name, s in services.items() if "patroni" in s.get("networks", {})}
+    assert on_patroni == {"etcd", "etcd-2", "etcd-3", *members}
+    assert all(set(services[n]["networks"]) == {"patroni"} for n in ("etcd", "etcd-2", "etcd-3"))
+    assert all({"source": "replication_password"} in services[n]["secrets"] for n in members)
 
 
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run(
-        [_tool("hadolint"), "--failure-threshold", "warning", "Dockerfile"],
+        [
+            *(_tool("hadolint"), "--failure-threshold", "warning"),
+            *("Dockerfile", "deploy/postgres-ha/Dockerfile"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

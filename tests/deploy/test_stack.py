@@ -47,6 +47,7 @@ IMAGES = {
     "UV_IMAGE": "orders-local/uv:local",
     "RABBITMQ_IMAGE": "orders-local/rabbitmq:4.0",
     "POSTGRES_IMAGE": "orders-local/postgres:17",
+    "ETCD_IMAGE": "orders-local/etcd:3.5",
 }
 APP_IMAGES = ("orders-producer:local", "orders-consumer:local")
 
@@ -91,9 +92,9 @@ class Stack:
     def compose(self, *args: str, timeout: float = 300) -> str:
         return self.run("docker", "compose", *args, timeout=timeout)
 
-    def psql(self, sql: str) -> str:
+    def psql(self, sql: str, service: str = "postgres") -> str:
         return self.compose(
-            "exec", "-T", "postgres", "psql", "-U", "orders", "-d", "orders", "-tAc", sql
+            "exec", "-T", service, "psql", "-U", "orders", "-d", "orders", "-tAc", sql
         ).strip()
 
     def secret(self, name: str) -> str:
@@ -351,14 +352,23 @@ def test_make_smoke_passes(stack: Stack) -> None:
 def cluster(stack: Stack) -> Iterator[Stack]:
     """The cluster variant (docker-compose.cluster.yml), a project of its own."""
     variant = stack.variant(
-        COMPOSE_FILE="docker-compose.yml:docker-compose.cluster.yml:tests/deploy/compose.engine.yml",
+        COMPOSE_FILE=":".join(
+            (
+                "docker-compose.yml",
+                "docker-compose.cluster.yml",
+                "tests/deploy/compose.engine.yml",
+                "tests/deploy/compose.engine.cluster.yml",
+            )
+        ),
         COMPOSE_PROJECT_NAME="orders-cluster",
     )
     yield variant
     variant.run("docker", "compose", "down", "-v", "--remove-orphans", check=False)
 
 
-def test_the_cluster_variant_runs_three_nodes_and_replicated_queues(cluster: Stack) -> None:
+def test_the_cluster_variant_runs_three_nodes_replicated_queues_and_a_synchronous_standby(
+    cluster: Stack,
+) -> None:
     started = time.monotonic()
     cluster.make("up")
     print(f"make up, the cluster variant: {time.monotonic() - started:.0f} s")
@@ -392,6 +402,26 @@ def test_the_cluster_variant_runs_three_nodes_and_replicated_queues(cluster: Sta
     work = [q for q in json.loads(listed) if q["name"].startswith("orders.quorum.work.")]
     assert len(work) == 10
     assert {(q["type"], len(q["members"])) for q in work} == {("quorum", 3)}
+    assert sorted(_roles(cluster).values()) == ["Leader", "Replica", "Sync Standby"]
+    replicating = cluster.psql(
+        "SELECT string_agg(sync_state, ',' ORDER BY sync_state) FROM pg_stat_replication",
+        _leader(cluster),
+    )
+    assert replicating == "async,sync"
+    # Patroni's store is out of the services' reach; its REST API changes nothing without a login.
+    unreachable = cluster.run(
+        *("docker", "compose", "exec", "-T", "producer", "python", "-c"),
+        "import socket; socket.getaddrinfo('etcd', 2379)",
+        check=False,
+    )
+    assert "gaierror" in unreachable, unreachable
+    refused = cluster.run(
+        *("docker", "compose", "exec", "-T", "producer", "python", "-c"),
+        "import urllib.request as r; r.urlopen(r.Request("
+        "'http://postgres:8008/restart', data=b'{}', method='POST'))",
+        check=False,
+    )
+    assert "HTTP Error 401" in refused, refused
 
 
 async def test_the_cluster_loses_no_order_when_a_node_is_stopped_under_load(
@@ -405,9 +435,41 @@ async def test_the_cluster_loses_no_order_when_a_node_is_stopped_under_load(
         await asyncio.sleep(10)
         await asyncio.to_thread(cluster.compose, "start", node)
         await asyncio.sleep(5)
-    await _every_one_completed(cluster, accepted)
+    await _every_one_completed(cluster, accepted, database=_leader(cluster))
     relay = cluster.compose("logs", "--no-log-prefix", "relay")
     assert relay.count('"event":"relay_connected"') >= 2, relay  # it moved to another node
+
+
+async def test_the_cluster_loses_no_order_when_the_database_primary_is_stopped_under_load(
+    cluster: Stack,
+) -> None:
+    """The primary's container is stopped for 20 s (Patroni hands over to the synchronous
+    standby as it shuts down); the services follow the new primary by themselves."""
+    before = _leader(cluster)
+    async with _load(cluster, "db-load") as accepted:
+        await asyncio.sleep(3)
+        await asyncio.to_thread(cluster.compose, "stop", before)
+        await asyncio.sleep(20)
+        await asyncio.to_thread(cluster.compose, "start", before)
+        await asyncio.sleep(5)
+    after = _leader(cluster)
+    assert after != before
+    await _every_one_completed(cluster, accepted, "db-load", after)
+    deadline = time.monotonic() + 120
+    while sorted(_roles(cluster).values()) != ["Leader", "Replica", "Sync Standby"]:
+        assert time.monotonic() < deadline, f"{before} did not rejoin: {_roles(cluster)}"
+        await asyncio.sleep(2)
+
+
+def _roles(cluster: Stack) -> dict[str, str]:
+    """Each database member's role as Patroni lists it (``patronictl list``)."""
+    listed = cluster.compose("exec", "-T", "postgres-2", "patronictl", "list", "-f", "json")
+    return {m["Member"]: m["Role"] for m in json.loads(listed)}
+
+
+def _leader(cluster: Stack) -> str:
+    """The compose service of the database member that is the primary."""
+    return next(member for member, role in _roles(cluster).items() if role == "Leader")
 
 
 def _node_of(cluster: Stack, connection: str) -> str:
@@ -434,8 +496,9 @@ def _node_of(cluster: Stack, connection: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _load(stack: Stack) -> AsyncIterator[list[str]]:
-    """Orders posted about 20 a second while the block runs; the ids of those answered 202."""
+async def _load(stack: Stack, customer: str = "load") -> AsyncIterator[list[str]]:
+    """Orders posted about 20 a second while the block runs, by customers named ``customer-N``;
+    the ids of those answered 202."""
     accepted: list[str] = []
     stop = asyncio.Event()
 
@@ -444,7 +507,10 @@ async def _load(stack: Stack) -> AsyncIterator[list[str]]:
             for n in itertools.count():
                 if stop.is_set():
                     return
-                body = {"customer_id": f"load-{n}", "items": [{"sku": "PEN-1", "quantity": 1}]}
+                body = {
+                    "customer_id": f"{customer}-{n}",
+                    "items": [{"sku": "PEN-1", "quantity": 1}],
+                }
                 response = await api.post("/orders", json=body, headers={"X-API-Key": stack.key})
                 assert response.status_code in (202, 503), response.text
                 if response.status_code == 202:
@@ -459,14 +525,19 @@ async def _load(stack: Stack) -> AsyncIterator[list[str]]:
         await posting
 
 
-async def _every_one_completed(stack: Stack, accepted: list[str]) -> None:
-    """Every accepted order completes, and nothing else was stored."""
+async def _every_one_completed(
+    stack: Stack, accepted: list[str], customer: str = "load", database: str = "postgres"
+) -> None:
+    """Every order ``_load`` had accepted completes, and nothing else of its customers' was stored
+    (as ``database``, the primary's service, holds it)."""
     assert len(accepted) > 100
     async with httpx.AsyncClient(base_url=API, timeout=10) as api:
         for order_id in accepted:
             status = await _until_final(api, order_id, {"X-API-Key": stack.key}, within=180)
             assert status == "completed", order_id
-    stored = stack.psql("SELECT count(*) FROM orders WHERE customer_id LIKE 'load-%'")
+    stored = stack.psql(
+        f"SELECT count(*) FROM orders WHERE customer_id LIKE '{customer}-%'", database
+    )
     assert int(stored) == len(accepted)
 
 

@@ -11,6 +11,8 @@ from yarl import URL
 
 from shared import db
 from testbed.processes import free_port
+from tests.faults.nodes import PostgresNode
+from tests.integration.conftest import ApiFactory
 
 
 def _hosts(database_url: str, *ports: int) -> str:
@@ -52,3 +54,48 @@ async def test_a_member_that_is_not_what_is_asked_for_is_passed_over(database_ur
     await conn.close()
     with pytest.raises(asyncpg.exceptions.TargetServerAttributeNotMatched):
         await db.connect(url, target_session_attrs="standby")
+
+
+async def test_an_order_whose_commit_was_not_replicated_is_answered_503_and_202_once_it_is(
+    start_api: ApiFactory,
+) -> None:
+    """A server of the test's own whose synchronous standby never answers, so every commit waits
+    for it; cancelling that wait (as ``pg_cancel_backend`` or a ``statement_timeout`` does) makes
+    PostgreSQL report the commit as done. The API answers it 503, never 202; the client's retry
+    with its key waits for the standby in turn, and is answered 202 only once the standby is
+    there (here: once synchronous replication is turned off)."""
+    server = PostgresNode()
+    await server.start()
+    try:
+        admin = await asyncpg.connect(server.url())
+        await admin.execute("CREATE DATABASE orders")
+        api = await start_api(database_url=server.url("orders"), relay_inline=False)
+        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        await admin.execute("SELECT pg_reload_conf()")
+
+        async def cancel_the_wait_for_the_standby() -> None:
+            while not await admin.fetchval(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+            ):
+                await asyncio.sleep(0.05)
+
+        body = {"customer_id": "c-1", "items": [{"sku": "PEN-1", "quantity": 1}]}
+        key = {"Idempotency-Key": "not-replicated-1"}
+        for _ in range(2):  # the order's commit, then the retry's lookup: each waits, each 503
+            answer, _ = await asyncio.gather(
+                api.post("/orders", json=body, headers=key), cancel_the_wait_for_the_standby()
+            )
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"]
+            assert answer.headers["Content-Type"] == "application/problem+json"
+        stored = await asyncpg.connect(server.url("orders"))
+        assert await stored.fetchval("SELECT count(*) FROM orders") == 1  # visible on the primary
+        await stored.close()
+
+        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await admin.execute("SELECT pg_reload_conf()")
+        answer = await api.post("/orders", json=body, headers=key)
+        assert answer.status_code == 202, answer.text
+        await admin.close()
+    finally:
+        await server.stop()

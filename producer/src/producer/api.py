@@ -16,7 +16,7 @@ from producer import store
 from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
 from producer.services import Services, ServicesDep
-from shared.db import Status
+from shared.db import Status, replicated
 from shared.messages import Item, NewOrder, Sku, new_id
 
 router = APIRouter()  # needs an API key
@@ -194,7 +194,7 @@ async def submit_batch(batch: Batch, services: ServicesDep) -> BatchView:
         }
         for i, o, d in zip(ids, batch.orders, digests, strict=True)
     ]
-    async with services.pool.acquire() as conn, conn.transaction():
+    async with services.pool.acquire() as conn, replicated(conn), conn.transaction():
         created = await store.submit_batch(conn, rows)
         reused = [
             o.idempotency_key

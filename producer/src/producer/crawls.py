@@ -15,7 +15,7 @@ from producer.api import IdempotencyKey, key_reused, link
 from producer.problems import Problem
 from producer.services import PoolDep, ServicesDep
 from shared import urls
-from shared.db import CrawlStatus, PageStatus
+from shared.db import CrawlStatus, PageStatus, replicated
 from shared.messages import Frontier, new_id
 
 router = APIRouter(tags=["crawls"])
@@ -161,7 +161,7 @@ async def _check_root(url: str, allowed_private: frozenset[str]) -> str:
             },
         },
         422: {"description": "invalid crawl, a private address, or an Idempotency-Key reused"},
-        503: {"description": "the store is unavailable; nothing was stored"},
+        503: {"description": "the store is unavailable, or did not confirm the write"},
     },
 )
 async def start_crawl(
@@ -178,21 +178,23 @@ async def start_crawl(
     digest = hashlib.sha256(
         orjson.dumps([root, crawl.max_depth, crawl.max_pages, crawl.order.value, hosts])
     ).digest()
-    crawl_id = await pool.fetchval(
-        START,
-        new_id(),
-        root,
-        crawl.order.value,
-        crawl.max_depth,
-        crawl.max_pages,
-        hosts,
-        idempotency_key,
-        digest if idempotency_key else None,
-    )
-    if crawl_id is None:  # the key was used before
-        crawl_id = await pool.fetchval(
-            "SELECT id FROM crawls WHERE idempotency_key = $1", idempotency_key
+    async with pool.acquire() as conn, replicated(conn):
+        crawl_id = await conn.fetchval(
+            START,
+            new_id(),
+            root,
+            crawl.order.value,
+            crawl.max_depth,
+            crawl.max_pages,
+            hosts,
+            idempotency_key,
+            digest if idempotency_key else None,
         )
+    if crawl_id is None:  # the key was used before; found once the standby has it (store.py)
+        async with pool.acquire() as conn, replicated(conn):
+            crawl_id = await conn.fetchval(
+                "SELECT id FROM crawls WHERE idempotency_key = $1 FOR KEY SHARE", idempotency_key
+            )
     view, earlier = await _view(pool, crawl_id)
     if idempotency_key and earlier != digest:
         raise key_reused()

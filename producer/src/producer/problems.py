@@ -15,18 +15,26 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from shared.db import NotReplicated
+
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
 
-# The database is down or overloaded: the client may try again, nothing was stored.
+# The database is down, overloaded or failing over, or a write's outcome is in doubt (the
+# connection dropped during COMMIT, or the commit was not replicated): the client tries again,
+# with its Idempotency-Key, which finds or makes exactly one order.
 UNAVAILABLE: tuple[type[Exception], ...] = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A pooled connection the server closed while it was idle (a primary shutting down): the
+    # next statement on it fails before it is sent (MagicStack/asyncpg#1069).
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
+    NotReplicated,
 )
 
 
@@ -91,7 +99,7 @@ def install(app: FastAPI) -> None:
 
 def answer(exc: Exception, instance: str) -> Response:
     """The problem details for an error a request raised: its own, 503 when the database is
-    unreachable (nothing was stored), 500 (logged) for anything unexpected."""
+    unreachable or a write's outcome is in doubt, 500 (logged) for anything unexpected."""
     if isinstance(exc, Problem):
         return exc.response(instance)
     if isinstance(exc, UNAVAILABLE):
@@ -99,7 +107,8 @@ def answer(exc: Exception, instance: str) -> Response:
         return Problem(
             503,
             "Service unavailable",
-            "The order store cannot be reached; nothing was stored. Try again shortly.",
+            "The order store cannot be reached, or did not confirm the write. Try again shortly"
+            " with the same Idempotency-Key: it finds what was stored, or stores it.",
             "/problems/unavailable",
             headers={"Retry-After": "1"},
         ).response(instance)

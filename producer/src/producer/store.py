@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from shared import db
 from shared.batch import Batcher
 from shared.messages import NewOrder, items_json
 
@@ -72,15 +73,16 @@ def submitter(pool: asyncpg.Pool) -> Submitter:
     """Stores submissions in batches; a request gets its row, or None if its key was used."""
 
     async def store(batch: Sequence[Submission]) -> list[asyncpg.Record | None]:
-        rows = await pool.fetch(
-            SUBMIT,
-            [s.id for s in batch],
-            [s.order.customer_id for s in batch],
-            [items_json(s.order) for s in batch],
-            [s.order.priority for s in batch],
-            [s.key for s in batch],
-            [s.digest for s in batch],
-        )
+        async with pool.acquire() as conn, db.replicated(conn):
+            rows = await conn.fetch(
+                SUBMIT,
+                [s.id for s in batch],
+                [s.order.customer_id for s in batch],
+                [items_json(s.order) for s in batch],
+                [s.order.priority for s in batch],
+                [s.key for s in batch],
+                [s.digest for s in batch],
+            )
         stored = {row["id"]: row for row in rows}
         return [stored.get(s.id) for s in batch]
 
@@ -96,18 +98,26 @@ async def order(pool: asyncpg.Pool, order_id: UUID) -> asyncpg.Record | None:
     return await pool.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
 
 
+# An order found by its key is answered 202 only once the synchronous standby holds it: the
+# request that made it may have been answered 503 because its commit's wait for the standby was
+# cancelled (db.NotReplicated). Locking the row (FOR KEY SHARE, which blocks only its deletion)
+# gives the lookup a transaction id, so its commit waits for the standby to flush everything
+# written before it, that order included.
 async def order_with_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:
     """The order an Idempotency-Key made, with the ``request_hash`` of the body it came with."""
-    return await pool.fetchrow(
-        f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1", key
-    )
+    async with pool.acquire() as conn, db.replicated(conn):
+        return await conn.fetchrow(
+            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1"
+            " FOR KEY SHARE",
+            key,
+        )
 
 
 async def orders_with_keys(conn: Connection, keys: list[str]) -> dict[str, asyncpg.Record]:
     """The orders these keys made, by key: id, status and ``request_hash``."""
     rows = await conn.fetch(
         "SELECT id, status, idempotency_key, request_hash FROM orders"
-        " WHERE idempotency_key = ANY($1::text[])",
+        " WHERE idempotency_key = ANY($1::text[]) FOR KEY SHARE",
         keys,
     )
     return {r["idempotency_key"]: r for r in rows}

@@ -11,9 +11,11 @@ Order states::
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from importlib import resources
 from typing import Any, cast
@@ -179,6 +181,41 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
                 extra=logs.event("database_host_unavailable", host=hosts.redact(node)),
             )
     raise AssertionError("a URL names at least one host")
+
+
+class NotReplicated(Exception):
+    """A commit PostgreSQL reported as done after its wait for the synchronous standby was
+    cancelled (``pg_cancel_backend``, a server-side ``statement_timeout``): it is visible on the
+    primary, but the standby may not have it, and a failover may erase it. Nothing may be
+    answered as stored on its strength: the caller is in doubt, as when a connection drops
+    during COMMIT."""
+
+
+@contextlib.asynccontextmanager
+async def replicated(conn: Any) -> AsyncIterator[None]:
+    """Raises ``NotReplicated`` after the block if a commit in it was cancelled while it waited
+    for the synchronous standby. PostgreSQL says so only in a warning (SQLSTATE 01000, "canceling
+    wait for synchronous replication ..."), which is matched in English, the servers' default
+    ``lc_messages``."""
+    warnings: list[Any] = []
+
+    def heard(_conn: object, message: Any) -> None:
+        warnings.append(message)
+
+    conn.add_log_listener(heard)
+    try:
+        yield
+        await asyncio.sleep(0)  # asyncpg calls its listeners soon, not at once
+    finally:
+        conn.remove_log_listener(heard)
+    for message in warnings:
+        if message.sqlstate == "01000" and "synchronous replication" in message.message:
+            log.warning(
+                "commit not replicated: %s",
+                message.message,
+                extra={"event": "commit_not_replicated"},
+            )
+            raise NotReplicated(message.message)
 
 
 async def create_pool(url: str, size: int) -> asyncpg.Pool:

@@ -1,17 +1,21 @@
-"""An HTTPS CONNECT proxy to PyPI only, for image builds in the engine's namespace.
+"""A proxy to two package registries only, PyPI and Debian's archive, for image builds in the
+engine's namespace.
 
 scripts/docker-engine.sh runs dockerd in a network namespace with no route out; its builds reach
-PyPI (``uv sync`` in the Dockerfile) through this proxy on the host side of the namespace's link,
-given to them as the predefined ``HTTPS_PROXY`` build argument. It tunnels bytes to the hosts
-below on port 443 and refuses anything else.
+PyPI (``uv sync``, ``pip install``) and Debian (``apt-get``) through this proxy on the host side
+of the namespace's link, given to them as the predefined ``HTTPS_PROXY`` and ``http_proxy`` build
+arguments. It tunnels CONNECT to PyPI's hosts on port 443, forwards plain HTTP requests to
+Debian's archive on port 80 (apt's own transport; the packages are signed), and refuses anything
+else.
 
-    python3 scripts/pypi_proxy.py HOST PORT
+    python3 scripts/registry_proxy.py HOST PORT
 """
 
 import asyncio
 import sys
 
-ALLOWED = {("pypi.org", 443), ("files.pythonhosted.org", 443)}
+TUNNELLED = {("pypi.org", 443), ("files.pythonhosted.org", 443)}
+FORWARDED = {"deb.debian.org"}
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -29,8 +33,13 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-        host, _, port = target.rpartition(":")
-        if method != "CONNECT" or (host, int(port or 0)) not in ALLOWED:
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            allowed = (host, int(port or 0)) in TUNNELLED
+        else:  # absolute-form (http://host/path), which an HTTP/1.1 server accepts as it is
+            host, port = target.removeprefix("http://").split("/", 1)[0], "80"
+            allowed = target.startswith("http://") and host in FORWARDED
+        if not allowed:
             writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
             await writer.drain()
             writer.close()
@@ -39,7 +48,10 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError):
         writer.close()
         return
-    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    if method == "CONNECT":
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    else:  # the request goes on as it came; later ones on this connection go to the same host
+        upstream_writer.write(head)
     await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
 
 

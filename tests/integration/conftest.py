@@ -26,7 +26,7 @@ from shared.settings import ConsumerSettings, ProducerSettings
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service
 from tests.integration.proxy import Proxy
 
-TABLES = "reservations, outbox, orders, inventory, crawl_pages, crawls"
+TABLES = "reservations, outbox, orders, order_events, inventory, crawl_pages, crawls"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -46,7 +46,7 @@ async def test_dashboard_counts_update_while_orders_flow(spawn, conn: asyncpg.Co
         await asyncio.to_thread(chrome.get, f"{producer.base_url}/dashboard")
 
         async def text(element_id: str) -> str | None:
-            """One atomic read: the page re-renders every two seconds."""
+            """One atomic read: the page re-renders on each update the producer pushes."""
             script = "return document.getElementById(arguments[0])?.textContent || null"
             found: str | None = await asyncio.to_thread(chrome.execute_script, script, element_id)
             return found
@@ -63,6 +63,9 @@ async def test_dashboard_counts_update_while_orders_flow(spawn, conn: asyncpg.Co
         await wait_until(lambda: shows("count-completed", "1"), 20, "1 completed on the page")
         await wait_until(lambda: shows("count-rejected", "11"), 20, "11 rejected on the page")
         assert "insufficient stock: TSHIRT-M" in (await text("failures") or "")
+        async with producer.client() as client:  # pushed by /dashboard/events, never polled
+            metrics = (await client.get("/metrics")).text
+        assert 'handler="/dashboard/data"' not in metrics
         ARTIFACTS.mkdir(exist_ok=True)
         await asyncio.to_thread(chrome.save_screenshot, str(ARTIFACTS / "dashboard.png"))
         assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -193,10 +193,26 @@ async def test_each_database_role_has_only_its_privileges(
             (consumer, "INSERT INTO inventory VALUES ('X', 1)"),
             (consumer, "TRUNCATE orders"),
             (consumer, "ALTER TABLE orders ADD COLUMN x int"),
+            # Events are the triggers' to write: nobody forges or erases one.
+            (
+                producer,
+                "INSERT INTO order_events (order_id, type, status, attempts)"
+                " VALUES (gen_random_uuid(), 'completed', 'completed', 1)",
+            ),
+            (producer, "DELETE FROM order_events"),
+            (consumer, "SELECT * FROM order_events"),
+            (
+                consumer,
+                "INSERT INTO order_events (order_id, type, status, attempts)"
+                " VALUES (gen_random_uuid(), 'completed', 'completed', 1)",
+            ),
+            (consumer, "SELECT expire_order_events('0 s', 1)"),
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)
         await producer.fetchval("SELECT count(*) FROM outbox")
+        await producer.fetchval("SELECT count(*) FROM order_events")
+        await producer.fetchval("SELECT expire_order_events('7 days', 1)")
         await consumer.fetchval("SELECT count(*) FROM orders")
     finally:
         await producer.close()

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from producer import store
 from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
-from producer.services import Services, ServicesDep
+from producer.services import Caller, Services, ServicesDep
 from shared.db import Status, replicated
 from shared.messages import Item, NewOrder, Sku, new_id
 
@@ -105,16 +105,19 @@ def order_json(row: asyncpg.Record | Mapping[str, Any]) -> bytes:
     return orjson.dumps(view, option=orjson.OPT_UTC_Z)
 
 
-async def accept(services: Services, order: NewOrder, key: str | None) -> asyncpg.Record:
-    """Store ``order``, or find the one an earlier request with ``key`` stored; its row. The
-    route's and the fast path's one admission of a valid order from a known caller.
+async def accept(
+    services: Services, order: NewOrder, key: str | None, owner: str
+) -> asyncpg.Record:
+    """Store ``order`` as submitted with the API key named ``owner``, or find the one an earlier
+    request with ``key`` stored; its row. The route's and the fast path's one admission of a
+    valid order from a known caller.
 
     Raises a 503 problem when too much work is queued, and a 422 when ``key`` was used with
     another order.
     """
     _refuse_when_overloaded(services.backlog)
     digest = _digest(order) if key else None  # only a key's reuse is compared
-    row = await services.submit(store.Submission(new_id(), order, key, digest))
+    row = await services.submit(store.Submission(new_id(), order, key, digest, owner))
     if row is None:  # the key was used before
         assert key is not None
         row = await store.order_with_key(services.pool, key)
@@ -153,11 +156,11 @@ def link(operation: str, **parameters: str) -> dict[str, Any]:
     },
 )
 async def submit_order(
-    order: NewOrder, services: ServicesDep, idempotency_key: IdempotencyKey = None
+    order: NewOrder, services: ServicesDep, owner: Caller, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
     # A valid order with a valid key seldom gets here: producer/fastpath.py answers it first.
-    return accepted(await accept(services, order, idempotency_key))
+    return accepted(await accept(services, order, idempotency_key, owner))
 
 
 @router.post(
@@ -170,7 +173,7 @@ async def submit_order(
         503: {"description": "the order store is unreachable, or too much work is queued"},
     },
 )
-async def submit_batch(batch: Batch, services: ServicesDep) -> BatchView:
+async def submit_batch(batch: Batch, services: ServicesDep, owner: Caller) -> BatchView:
     """Accept up to 1,000 orders in one transaction: all are stored, or none."""
     _refuse_when_overloaded(services.backlog)
     keys = [o.idempotency_key for o in batch.orders if o.idempotency_key]
@@ -195,7 +198,7 @@ async def submit_batch(batch: Batch, services: ServicesDep) -> BatchView:
         for i, o, d in zip(ids, batch.orders, digests, strict=True)
     ]
     async with services.pool.acquire() as conn, replicated(conn), conn.transaction():
-        created = await store.submit_batch(conn, rows)
+        created = await store.submit_batch(conn, rows, owner)
         reused = [
             o.idempotency_key
             for o, i in zip(batch.orders, ids, strict=True)

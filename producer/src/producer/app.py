@@ -7,7 +7,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, backlog, crawls, dashboard, openapi, outbox, problems, store
+from producer import api, backlog, crawls, dashboard, events, openapi, outbox, problems, store
 from producer.auth import SCHEMES, Guard
 from producer.bodies import BodyGuard
 from producer.fastpath import SubmitFastPath
@@ -42,9 +42,12 @@ def create_app(
                 else nullcontext()
             )
             watching = backlog.watching(pool, settings, metrics, misconfigured)
-            async with watching as watched, relaying as relay:
+            streaming = events.running(
+                pool, settings.database_url, settings.streams_per_key, settings.streams_max
+            )
+            async with watching as watched, relaying as relay, streaming as hub:
                 app.state.services = Services(
-                    settings, metrics, guard, pool, watched, store.submitter(pool), relay
+                    settings, metrics, guard, pool, watched, store.submitter(pool), relay, hub
                 )
                 yield
         finally:
@@ -66,6 +69,8 @@ def create_app(
     keyed = [Depends(require_key), *SCHEMES]
     app.include_router(api.router, dependencies=keyed)
     app.include_router(crawls.router, dependencies=keyed)
+    app.include_router(events.keyed, dependencies=keyed)
+    app.include_router(events.router, dependencies=[*SCHEMES, events.TOKEN])  # or a token
     app.include_router(api.health)
     app.include_router(dashboard.router, dependencies=keyed if settings.dashboard_needs_key else [])
     app.add_middleware(RequestMetrics, metrics=metrics, excluded=("/metrics",))

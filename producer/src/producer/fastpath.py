@@ -47,8 +47,8 @@ class SubmitFastPath:
             return
         services = Services.of(scope["app"])
         try:
-            services.guard.admit(headers.get(b"x-api-key"), headers.get(b"authorization"))
-            response = api.accepted(await api.accept(services, *parsed))
+            owner = services.guard.admit(headers.get(b"x-api-key"), headers.get(b"authorization"))
+            response = api.accepted(await api.accept(services, *parsed, owner))
         except Exception as exc:
             response = problems.answer(exc, PATH)
         try:

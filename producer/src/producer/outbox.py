@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -78,6 +79,7 @@ CRAWL_TASKS = Source(
 SOURCES = (ORDERS, CRAWL_TASKS)
 BY_NAME = {"orders": ORDERS, "crawls": CRAWL_TASKS}  # as ``NOTIFY outbox`` names them
 PUBLISHERS = 2  # rounds in flight at once behind a backlog; one otherwise
+EXPIRY_INTERVAL, EXPIRED_BATCH = 600.0, 10_000  # order events: seconds between runs, rows a delete
 
 
 class Relay:
@@ -113,6 +115,7 @@ class Relay:
     async def run(self) -> None:
         """Connect, publish, reconnect after any broker trouble, until ``stop``."""
         listener = asyncio.create_task(self._listen(), name="outbox-listener")
+        expiring = asyncio.create_task(self._expire_events(), name="event-expiry")
         try:
             await amqp.reconnecting(self._session, self._stopping, "outbox relay")
         except Misconfigured as exc:  # retrying cannot help: say why, and let the owner stop
@@ -120,6 +123,26 @@ class Relay:
             self._misconfigured(exc)
         finally:
             listener.cancel()
+            expiring.cancel()
+
+    async def _expire_events(self) -> None:
+        """Delete the order events older than ``EVENTS_RETENTION_HOURS``, every ten minutes, in
+        batches (schema/0009_order_events.sql)."""
+        retention = timedelta(hours=self._settings.events_retention_hours)
+        while not self._stopping.is_set():
+            try:
+                while (
+                    await self._pool.fetchval(
+                        "SELECT expire_order_events($1, $2)", retention, EXPIRED_BATCH
+                    )
+                    == EXPIRED_BATCH
+                    and not self._stopping.is_set()
+                ):
+                    pass
+            except Exception as exc:
+                log.debug("event expiry: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), EXPIRY_INTERVAL)
 
     async def _listen(self) -> None:
         """Wake on ``NOTIFY outbox`` (every commit of rows to publish, from any process); the

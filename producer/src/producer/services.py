@@ -2,7 +2,7 @@
 FastAPI dependencies that hand them (and the caller's key name) to the routes."""
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import asyncpg
 from fastapi import Depends, Request
@@ -15,6 +15,9 @@ from producer.outbox import Relay
 from producer.store import Submitter
 from shared.settings import ProducerSettings
 
+if TYPE_CHECKING:  # events.py uses these services
+    from producer.events import Hub
+
 
 @dataclass(frozen=True)
 class Services:
@@ -25,6 +28,7 @@ class Services:
     backlog: Backlog
     submit: Submitter  # POST /orders's group commit (store.submitter)
     relay: Relay | None  # None when the relay runs as a process of its own
+    hub: "Hub"  # the event streams' one listener (events.py)
 
     @staticmethod
     def of(app: Starlette) -> "Services":
@@ -52,3 +56,6 @@ async def require_key(request: Request) -> str:
     return Services.of(request.app).guard.admit(
         headers.get("X-API-Key"), headers.get("Authorization")
     )
+
+
+Caller = Annotated[str, Depends(require_key)]  # the caller's key name (checked once a request)

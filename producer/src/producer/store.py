@@ -26,10 +26,12 @@ ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, n
 # key, the first to arrive makes the order.
 SUBMIT = f"""
     WITH new AS (
-        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
-        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash
-          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[])
-               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, arrival)
+        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash,
+                            api_key)
+        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash, owner
+          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[],
+                      $7::text[])
+               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, owner, arrival)
          ORDER BY key, arrival
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING {ORDER_COLUMNS}
@@ -45,8 +47,10 @@ SUBMIT_BATCH = """
         SELECT * FROM jsonb_to_recordset($1::jsonb) AS t(
             id uuid, customer_id text, items jsonb, priority smallint, key text, hash text)
     ), new AS (
-        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash)
-        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex') FROM input
+        INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash,
+                            api_key)
+        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex'), $2
+          FROM input
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING id, priority
     ), queued AS (
@@ -64,6 +68,7 @@ class Submission:
     order: NewOrder
     key: str | None
     digest: bytes | None
+    owner: str  # the name of the API key that submits it
 
 
 Submitter = Batcher[Submission, asyncpg.Record | None]
@@ -82,6 +87,7 @@ def submitter(pool: asyncpg.Pool) -> Submitter:
                 [s.order.priority for s in batch],
                 [s.key for s in batch],
                 [s.digest for s in batch],
+                [s.owner for s in batch],
             )
         stored = {row["id"]: row for row in rows}
         return [stored.get(s.id) for s in batch]
@@ -89,9 +95,10 @@ def submitter(pool: asyncpg.Pool) -> Submitter:
     return Batcher(store, key=attrgetter("id"))
 
 
-async def submit_batch(conn: Connection, rows: list[dict[str, Any]]) -> set[UUID]:
-    """Store ``rows`` (``SUBMIT_BATCH``'s input) with their outbox rows; the ids it created."""
-    return {r["id"] for r in await conn.fetch(SUBMIT_BATCH, rows)}
+async def submit_batch(conn: Connection, rows: list[dict[str, Any]], owner: str) -> set[UUID]:
+    """Store ``rows`` (``SUBMIT_BATCH``'s input) with their outbox rows, as submitted with the
+    key named ``owner``; the ids it created."""
+    return {r["id"] for r in await conn.fetch(SUBMIT_BATCH, rows, owner)}
 
 
 async def order(pool: asyncpg.Pool, order_id: UUID) -> asyncpg.Record | None:

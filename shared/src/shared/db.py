@@ -68,10 +68,17 @@ class PageStatus(StrEnum):
 # committed, the relays should publish now. The payload names whose: 'orders' or 'crawls'.
 OUTBOX_CHANNEL = "outbox"
 
+# NOTIFY on this channel (schema/0009_order_events.sql): order events were committed.
+EVENTS_CHANNEL = "order_events"
+
 # The schema: ``schema/NNNN_name.sql``, append only, each run once in order under an advisory lock.
 # ``:name`` in a file stands for a constant of this module (``_render``), so the SQL and the code
 # share one spelling of it.
-_VARIABLES = {"final_statuses": FINAL_SQL, "outbox_channel": f"'{OUTBOX_CHANNEL}'"}
+_VARIABLES = {
+    "final_statuses": FINAL_SQL,
+    "outbox_channel": f"'{OUTBOX_CHANNEL}'",
+    "events_channel": f"'{EVENTS_CHANNEL}'",
+}
 _VARIABLE = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -98,6 +105,8 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT ON reservations",
         "SELECT, INSERT, UPDATE ON crawls, crawl_pages",
         "USAGE ON SEQUENCE outbox_seq_seq, crawl_pages_seq_seq",
+        "SELECT ON order_events",  # the event streams; the triggers write them
+        "EXECUTE ON FUNCTION expire_order_events(interval, integer)",  # the relay's retention
         "SELECT ON schema_version",
     ),
     "consumer": (

@@ -90,6 +90,11 @@ class ProducerSettings(Settings):
     rate_limit_burst: int = Field(400, ge=1)
     metrics_need_key: bool = False
     dashboard_needs_key: bool = False
+    streams_per_key: int = Field(20, ge=1, description="event streams open per key and process")
+    streams_max: int = Field(1000, ge=1, description="event streams open per process")
+    events_retention_hours: float = Field(
+        168.0, gt=0, description="hours an order event is kept (the relay deletes older ones)"
+    )
 
 
 class ConsumerSettings(Settings):

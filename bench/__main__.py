@@ -112,7 +112,7 @@ class Bench:
         pool = await db.create_pool(self.database_url, 2)
         try:
             await db.migrate(pool, 30)
-            await pool.execute("TRUNCATE reservations, outbox, orders, inventory")
+            await pool.execute("TRUNCATE reservations, outbox, orders, order_events, inventory")
             await pool.execute(
                 "INSERT INTO inventory (sku, available)"
                 " SELECT 'SKU-' || g, 1000000000 FROM generate_series(0, $1 - 1) g",
@@ -456,8 +456,26 @@ async def _queued(bench: Bench, n: int) -> bool:
     return await bench.queued() >= n
 
 
-async def drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
-    """(4) A backlog consumed with the real effect by ``consumers`` processes."""
+async def drain(
+    bench: Bench, consumers: int, backlog: int, events: bool = True
+) -> dict[str, float]:
+    """(4) A backlog consumed with the real effect by ``consumers`` processes; without
+    ``events``, with the order events' triggers off (what events cost, docs/notifications.md)."""
+    if not events:
+        await _event_triggers(bench, "DISABLE")
+    try:
+        return await _drain(bench, consumers, backlog)
+    finally:
+        await _event_triggers(bench, "ENABLE")
+
+
+async def _event_triggers(bench: Bench, verb: str) -> None:
+    async with bench.connection() as conn:
+        for trigger in ("order_events_inserted", "order_events_updated"):
+            await conn.execute(f"ALTER TABLE orders {verb} TRIGGER {trigger}")
+
+
+async def _drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]:
     await relay(bench, backlog)
     done = "SELECT count(*) FROM orders WHERE status = 'completed'"
     watch = Watch(
@@ -515,6 +533,8 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             for n in range(int(rate * bench.size.seconds))
         ]
         url = URL(producer.base_url)
+        completed_read: dict[str, float] = {}
+        reading = asyncio.create_task(_read_completions(producer, completed_read))
         watch = Watch(
             {
                 **bench.producer_pids(producer),
@@ -526,23 +546,47 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         with watch.running():
             await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, rate)
             await bench.until(lambda: _settled(bench), 120)
+            await bench.until(lambda: _all_read(bench, completed_read), 30)
+        reading.cancel()
         async with bench.connection() as conn:
-            waits = [
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM orders"
-                    " WHERE customer_id = 'e2e'"
-                )
-            ]
+            rows = await conn.fetch(
+                "SELECT id::text, extract(epoch FROM completed_at) AS done,"
+                " extract(epoch FROM completed_at - created_at) * 1000 AS wait"
+                " FROM orders WHERE customer_id = 'e2e' AND status = 'completed'"
+            )
+        waits = [r["wait"] for r in rows]
+        # From the final status's write (completed_at, by the database's clock: this machine's)
+        # to the event read from the key's stream (GET /events) by this process.
+        told = [(completed_read[r["id"]] - float(r["done"])) * 1000 for r in rows]
         return {
             "rate": sustained,
             "half_rate": rate,
             **_percentiles(waits),
+            **{f"sse_{k}": v for k, v in _percentiles(told).items()},
             # CPU time per order at half load, by process group
             **{f"us_{g}": c * watch.wall / max(len(bodies), 1) * 1e6 for g, c in watch.cpu.items()},
         }
     finally:
         await bench.stop_all()
+
+
+async def _read_completions(producer: Producer, read: dict[str, float]) -> None:
+    """Each ``completed`` event of the key's stream: when it was read, by its order id."""
+    async with (
+        producer.client(timeout=None) as client,
+        client.stream("GET", "/events") as stream,
+    ):
+        kind = ""
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "completed":
+                read[orjson.loads(line[6:])["order_id"]] = time.time()
+
+
+async def _all_read(bench: Bench, read: dict[str, float]) -> bool:
+    done = "SELECT count(*) FROM orders WHERE customer_id = 'e2e' AND status = 'completed'"
+    return len(read) >= await bench.count(done)
 
 
 async def _settled(bench: Bench) -> bool:
@@ -623,6 +667,7 @@ async def measure(bench: Bench, runs: int, only: set[str] | None = None) -> list
         "drain1": lambda: drain(bench, 1, s.backlog),
         "drain2": lambda: drain(bench, 2, s.backlog),
         "drain1_small": lambda: drain(bench, 1, s.small_backlog),
+        "drain1_no_events": lambda: drain(bench, 1, s.backlog, events=False),
         "e2e": lambda: end_to_end(bench),
         "priority": lambda: priority(bench),
     }
@@ -647,6 +692,14 @@ async def measure(bench: Bench, runs: int, only: set[str] | None = None) -> list
                 _median(results[n], "consumer_rss_mb")[0] for n in ("drain1", "drain1_small")
             )
             lines.append(f"consumer peak RSS, large ÷ small backlog: {big / small:.2f}x (≤ 1.1x)")
+        if {"drain1", "drain1_no_events"} <= results.keys():
+            groups = ("consumer", "broker", "database")
+            with_events, without = (
+                _cpu_per_order(results[n], groups)[0] for n in ("drain1", "drain1_no_events")
+            )
+            lines.append(
+                f"drain CPU per order, with events ÷ without: {with_events / without:.1%} (≤ 115%)"
+            )
         if "priority" in results:
             p9, p0 = (_median(results["priority"], f"p{n}_p99_ms")[0] for n in (9, 0))
             lines.append(f"priority 9 p99 ÷ priority 0 p99: {p9 / p0:.2%} (≤ 5%)")
@@ -730,11 +783,29 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
         " orders/s",
         f"70% of (c): {0.7 * m('raw_consume')[0]:,.0f}",
     )
+    with_events, without = (
+        _cpu_per_order(r[name], drain_groups) for name in ("drain1", "drain1_no_events")
+    )
+    add(
+        "CPU per order, 1-consumer drain, all processes: with order events",
+        with_events,
+        " µs",
+        f"without: {_fmt(without, ' µs')}",
+        with_events[0] / without[0] - 1,
+        "events add ≤ 15%",
+        with_events[0] <= 1.15 * without[0],
+    )
     add("end to end, HTTP → completed: orders/s sustained", m("e2e"))
     half = _median(r["e2e"], "half_rate")[0]
     add(f"end to end at half load ({half:.0f}/s): p50", m("e2e", "p50_ms"), " ms")
     p99 = m("e2e", "p99_ms")
     add("end to end at half load: p99", p99, " ms", target="≤ 50 ms", met=p99[0] <= 50)
+    add(
+        "at half load, final status written → its event read from GET /events: p50",
+        m("e2e", "sse_p50_ms"),
+        " ms",
+        f"p99 {_fmt(m('e2e', 'sse_p99_ms'), ' ms')}",
+    )
     for group in ("producer", "relay", "consumers", "broker", "database"):
         add(f"CPU per order at half load: {group}", m("e2e", f"us_{group}"), " µs")
     p9, p0 = m("priority", "p9_p99_ms"), m("priority", "p0_p99_ms")
@@ -772,6 +843,14 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
             target="bounded",
         )
     return lines
+
+
+def _cpu_per_order(
+    runs: list[dict[str, float]], groups: tuple[str, ...]
+) -> tuple[float, float, float]:
+    """The CPU time per order of ``groups`` together: median (min, max) over the runs."""
+    totals = sorted(sum(run[f"us_{g}"] for g in groups) for run in runs)
+    return statistics.median(totals), totals[0], totals[-1]
 
 
 def _ceiling(runs: list[dict[str, float]], groups: tuple[str, ...]) -> tuple[float, float, float]:

@@ -497,8 +497,9 @@ def _node_of(cluster: Stack, connection: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _load(stack: Stack, customer: str = "load") -> AsyncIterator[list[str]]:
-    """Orders posted about 20 a second while the block runs, by customers named ``customer-N``;
-    the ids of those answered 202."""
+    """Orders posted about 20 a second while the block runs, by customers named ``customer-N``,
+    as a careful client posts them: each with an Idempotency-Key, sent again after a 503 or a
+    timeout (in doubt) until it is answered 202. The ids of those answered 202."""
     accepted: list[str] = []
     stop = asyncio.Event()
 
@@ -511,10 +512,17 @@ async def _load(stack: Stack, customer: str = "load") -> AsyncIterator[list[str]
                     "customer_id": f"{customer}-{n}",
                     "items": [{"sku": "PEN-1", "quantity": 1}],
                 }
-                response = await api.post("/orders", json=body, headers={"X-API-Key": stack.key})
-                assert response.status_code in (202, 503), response.text
-                if response.status_code == 202:
-                    accepted.append(response.json()["id"])
+                headers = {"X-API-Key": stack.key, "Idempotency-Key": f"{customer}-{n}"}
+                while True:  # until it is answered, even once the block has ended
+                    try:
+                        response = await api.post("/orders", json=body, headers=headers)
+                    except httpx.TimeoutException:
+                        continue
+                    assert response.status_code in (202, 503), response.text
+                    if response.status_code == 202:
+                        accepted.append(response.json()["id"])
+                        break
+                    await asyncio.sleep(0.2)
                 await asyncio.sleep(0.05)
 
     posting = asyncio.create_task(post())

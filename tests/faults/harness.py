@@ -3,7 +3,8 @@
 Every request is recorded as ok (202), failed (4xx) or in doubt (timeout, 5xx, connection error);
 in-doubt requests are retried with the same Idempotency-Key. After the load and a drain, the
 checker counts lost (ok but not completed), duplicated (stock arithmetic does not add up),
-stuck (not final) and unexpected (an order nobody asked for) orders.
+stuck (not final) and unexpected (an order nobody asked for) orders, and untold ones: an order
+whose events do not end in its status, or an event of an order that is not there.
 """
 
 import asyncio
@@ -550,6 +551,7 @@ class Result:
     duplicated: int
     stuck: int
     unexpected: int
+    untold: int
     redeliveries: int
     reconnects: int
     unavailable: int
@@ -568,9 +570,8 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        return (self.lost, self.duplicated, self.stuck, self.unexpected) == (0, 0, 0, 0) and (
-            self.fault_observed and self.drained_s <= 60
-        )
+        counts = (self.lost, self.duplicated, self.stuck, self.unexpected, self.untold)
+        return counts == (0, 0, 0, 0, 0) and self.fault_observed and self.drained_s <= 60
 
 
 async def run_scenario(
@@ -706,6 +707,16 @@ async def _check(stack: Stack, load: Load) -> dict[str, int]:
             )
         }
         available = await conn.fetchval("SELECT available FROM inventory WHERE sku = $1", SKU)
+        # Each order's events tell its story (docs/notifications.md): it has some, the last one
+        # leaves it in its status; and no event names an order that is not there (rolled back).
+        untold = await conn.fetchval(
+            """SELECT (SELECT count(*) FROM orders o
+                      WHERE o.status IS DISTINCT FROM (SELECT e.status FROM order_events e
+                                                        WHERE e.order_id = o.id
+                                                        ORDER BY e.tx DESC, e.id DESC LIMIT 1))
+                   + (SELECT count(*) FROM order_events e
+                       WHERE NOT EXISTS (SELECT FROM orders o WHERE o.id = e.order_id))"""
+        )
     finally:
         await conn.close()
     sent = {r.key: r for r in load.history}
@@ -725,6 +736,7 @@ async def _check(stack: Stack, load: Load) -> dict[str, int]:
             1 for row in orders.values() if row["status"] not in ("completed", "failed", "rejected")
         ),
         "unexpected": sum(1 for key in orders if key not in sent or sent[key].outcome == "failed"),
+        "untold": untold,
         "redeliveries": sum(row["attempts"] - 1 for row in completed),
     }
 
@@ -739,6 +751,7 @@ COLUMNS = (
     ("dup", "duplicated"),
     ("stuck", "stuck"),
     ("unexp", "unexpected"),
+    ("untold", "untold"),
     ("redeliv", "redeliveries"),
     ("reconn", "reconnects"),
     ("503s", "unavailable"),

@@ -89,5 +89,6 @@ def _passed(scenario: Scenario, result: Result) -> None:
     assert result.duplicated == 0, table([result])
     assert result.stuck == 0, table([result])
     assert result.unexpected == 0, table([result])
+    assert result.untold == 0, table([result])
     assert result.drained_s <= 60, table([result])
     assert result.fault_observed, f"no {scenario.evidence} observed: the fault was not real"

@@ -69,7 +69,14 @@ async def test_an_order_whose_commit_was_not_replicated_is_answered_503_and_202_
     try:
         admin = await asyncpg.connect(server.url())
         await admin.execute("CREATE DATABASE orders")
-        api = await start_api(database_url=server.url("orders"), relay_inline=False)
+        owner = await db.create_pool(server.url("orders"), 1)
+        try:  # the API as it runs deployed: as the producer's own role, not a superuser
+            await db.migrate(owner, 10)
+            await db.grant(owner, "producer", "orders_producer", "pw")
+        finally:
+            await owner.close()
+        producer_url = server.url("orders").replace("postgres@", "orders_producer@", 1)
+        api = await start_api(database_url=producer_url, relay_inline=False)
         await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
         await admin.execute("SELECT pg_reload_conf()")
 

@@ -27,6 +27,7 @@ async def test_concurrent_migrations_on_a_fresh_database(database_url: str) -> N
             "crawl_pages",
             "crawls",
             "inventory",
+            "order_events",
             "orders",
             "outbox",
             "reservations",

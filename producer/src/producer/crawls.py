@@ -191,9 +191,10 @@ async def start_crawl(
             digest if idempotency_key else None,
         )
     if crawl_id is None:  # the key was used before; found once the standby has it (store.py)
-        async with pool.acquire() as conn, replicated(conn):
+        async with pool.acquire() as conn, replicated(conn), conn.transaction():
+            await conn.execute("SELECT hold_crawls($1)", [idempotency_key])
             crawl_id = await conn.fetchval(
-                "SELECT id FROM crawls WHERE idempotency_key = $1 FOR KEY SHARE", idempotency_key
+                "SELECT id FROM crawls WHERE idempotency_key = $1", idempotency_key
             )
     view, earlier = await _view(pool, crawl_id)
     if idempotency_key and earlier != digest:

@@ -392,7 +392,11 @@ async def key_events(
     hub, pool = services.hub, services.pool
     resumed = await _resumed(pool, last_event_id)
     async with hub.subscribed(Stream(None, caller)) as stream:
-        position: Position = (resumed["tx"], resumed["id"]) if resumed else hub.position or (0, 0)
+        # Not resumed: from now, the horizon after subscribing (what settles later is read for
+        # this stream by the hub; what settled before is not this stream's).
+        position: Position = (
+            (resumed["tx"], resumed["id"]) if resumed else (await pool.fetchval(HORIZON), 0)
+        )
         if resumed:
             while True:  # the history, a batch at a time
                 rows = await pool.fetch(

@@ -107,24 +107,23 @@ async def order(pool: asyncpg.Pool, order_id: UUID) -> asyncpg.Record | None:
 
 # An order found by its key is answered 202 only once the synchronous standby holds it: the
 # request that made it may have been answered 503 because its commit's wait for the standby was
-# cancelled (db.NotReplicated). Locking the row (FOR KEY SHARE, which blocks only its deletion)
-# gives the lookup a transaction id, so its commit waits for the standby to flush everything
-# written before it, that order included.
+# cancelled (db.NotReplicated). ``hold_orders`` locks the rows found (schema 0010), so the
+# lookup's commit waits for the standby to flush everything written before it.
 async def order_with_key(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:
     """The order an Idempotency-Key made, with the ``request_hash`` of the body it came with."""
-    async with pool.acquire() as conn, db.replicated(conn):
+    async with pool.acquire() as conn, db.replicated(conn), conn.transaction():
+        await conn.execute("SELECT hold_orders($1)", [key])
         return await conn.fetchrow(
-            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1"
-            " FOR KEY SHARE",
-            key,
+            f"SELECT {ORDER_COLUMNS}, request_hash FROM orders WHERE idempotency_key = $1", key
         )
 
 
 async def orders_with_keys(conn: Connection, keys: list[str]) -> dict[str, asyncpg.Record]:
     """The orders these keys made, by key: id, status and ``request_hash``."""
+    await conn.execute("SELECT hold_orders($1)", keys)
     rows = await conn.fetch(
         "SELECT id, status, idempotency_key, request_hash FROM orders"
-        " WHERE idempotency_key = ANY($1::text[]) FOR KEY SHARE",
+        " WHERE idempotency_key = ANY($1::text[])",
         keys,
     )
     return {r["idempotency_key"]: r for r in rows}

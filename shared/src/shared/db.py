@@ -107,6 +107,7 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "USAGE ON SEQUENCE outbox_seq_seq, crawl_pages_seq_seq",
         "SELECT ON order_events",  # the event streams; the triggers write them
         "EXECUTE ON FUNCTION expire_order_events(interval, integer)",  # the relay's retention
+        "EXECUTE ON FUNCTION hold_orders(text[]), hold_crawls(text[])",  # keys found, replicated
         "SELECT ON schema_version",
     ),
     "consumer": (

@@ -534,7 +534,10 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         ]
         url = URL(producer.base_url)
         completed_read: dict[str, float] = {}
-        reading = asyncio.create_task(_read_completions(producer, completed_read))
+        opened = asyncio.Event()
+        reading = asyncio.create_task(_read_completions(producer, completed_read, opened))
+        await asyncio.wait_for(opened.wait(), 30)
+        await asyncio.sleep(0.5)  # the stream subscribes as its response starts: let it
         watch = Watch(
             {
                 **bench.producer_pids(producer),
@@ -570,12 +573,15 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         await bench.stop_all()
 
 
-async def _read_completions(producer: Producer, read: dict[str, float]) -> None:
+async def _read_completions(
+    producer: Producer, read: dict[str, float], opened: asyncio.Event
+) -> None:
     """Each ``completed`` event of the key's stream: when it was read, by its order id."""
     async with (
         producer.client(timeout=None) as client,
         client.stream("GET", "/events") as stream,
     ):
+        opened.set()
         kind = ""
         async for line in stream.aiter_lines():
             if line.startswith("event: "):

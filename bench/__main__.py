@@ -39,6 +39,7 @@ from bench import baselines, load
 from shared import amqp, db, hosts, messages, topology
 from testbed.patroni import PostgresCluster
 from testbed.processes import Producer, Relay, Service, free_port
+from testbed.receiver import Receiver
 
 SKUS = 100
 _CORES = os.cpu_count() or 1
@@ -104,6 +105,7 @@ class Bench:
             "ORDER_WORK_MS": "0",
             "METRICS_PORT": "0",
             "QUEUE_KIND": self.topology.kind,
+            "WEBHOOK_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",  # the e2e phase's receiver
             **self.consumer_env,
             **extra,
         }
@@ -112,7 +114,10 @@ class Bench:
         pool = await db.create_pool(self.database_url, 2)
         try:
             await db.migrate(pool, 30)
-            await pool.execute("TRUNCATE reservations, outbox, orders, order_events, inventory")
+            await pool.execute(
+                "TRUNCATE reservations, outbox, orders, order_events, inventory,"
+                " webhook_deliveries, webhook_endpoints"
+            )
             await pool.execute(
                 "INSERT INTO inventory (sku, available)"
                 " SELECT 'SKU-' || g, 1000000000 FROM generate_series(0, $1 - 1) g",
@@ -533,6 +538,11 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             for n in range(int(rate * bench.size.seconds))
         ]
         url = URL(producer.base_url)
+        # At half load every order's completion is also a webhook to a receiver on this machine.
+        receiver = await Receiver().start()
+        async with producer.client() as client:
+            endpoint = await client.post("/webhooks", json={"url": receiver.url("/hook")})
+            receiver.secrets["/hook"] = endpoint.json()["secret"]
         completed_read: dict[str, float] = {}
         opened = asyncio.Event()
         reading = asyncio.create_task(_read_completions(producer, completed_read, opened))
@@ -550,7 +560,9 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             await load.paced(url.host or "127.0.0.1", url.port or 80, bodies, rate)
             await bench.until(lambda: _settled(bench), 120)
             await bench.until(lambda: _all_read(bench, completed_read), 30)
+            await bench.until(lambda: _all_read(bench, receiver.arrived), 60)
         reading.cancel()
+        await receiver.stop()
         async with bench.connection() as conn:
             rows = await conn.fetch(
                 "SELECT id::text, extract(epoch FROM completed_at) AS done,"
@@ -561,11 +573,13 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         # From the final status's write (completed_at, by the database's clock: this machine's)
         # to the event read from the key's stream (GET /events) by this process.
         told = [(completed_read[r["id"]] - float(r["done"])) * 1000 for r in rows]
+        sent = [(receiver.arrived[r["id"]] - float(r["done"])) * 1000 for r in rows]
         return {
             "rate": sustained,
             "half_rate": rate,
             **_percentiles(waits),
             **{f"sse_{k}": v for k, v in _percentiles(told).items()},
+            **{f"webhook_{k}": v for k, v in _percentiles(sent).items()},
             # CPU time per order at half load, by process group
             **{f"us_{g}": c * watch.wall / max(len(bodies), 1) * 1e6 for g, c in watch.cpu.items()},
         }
@@ -576,18 +590,22 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
 async def _read_completions(
     producer: Producer, read: dict[str, float], opened: asyncio.Event
 ) -> None:
-    """Each ``completed`` event of the key's stream: when it was read, by its order id."""
-    async with (
-        producer.client(timeout=None) as client,
-        client.stream("GET", "/events") as stream,
-    ):
-        opened.set()
-        kind = ""
-        async for line in stream.aiter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind == "completed":
-                read[orjson.loads(line[6:])["order_id"]] = time.time()
+    """Each ``completed`` event of the key's stream: when it was read, by its order id. As a
+    client should, it resumes after the last event read when the stream ends (the server ends a
+    stream that falls 1,000 events behind)."""
+    last: dict[str, str] = {}
+    async with producer.client(timeout=None) as client:
+        while True:
+            async with client.stream("GET", "/events", headers=last) as stream:
+                opened.set()
+                kind = ""
+                async for line in stream.aiter_lines():
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("id: "):
+                        last = {"Last-Event-ID": line[4:]}
+                    elif line.startswith("data: ") and kind == "completed":
+                        read[orjson.loads(line[6:])["order_id"]] = time.time()
 
 
 async def _all_read(bench: Bench, read: dict[str, float]) -> bool:
@@ -811,6 +829,12 @@ def _table(r: dict[str, list[dict[str, float]]], smoke: bool) -> list[str]:
         m("e2e", "sse_p50_ms"),
         " ms",
         f"p99 {_fmt(m('e2e', 'sse_p99_ms'), ' ms')}",
+    )
+    add(
+        "at half load, final status written → its webhook received, verified: p50",
+        m("e2e", "webhook_p50_ms"),
+        " ms",
+        f"p99 {_fmt(m('e2e', 'webhook_p99_ms'), ' ms')}",
     )
     for group in ("producer", "relay", "consumers", "broker", "database"):
         add(f"CPU per order at half load: {group}", m("e2e", f"us_{group}"), " µs")

@@ -4,7 +4,9 @@ Every request is recorded as ok (202), failed (4xx) or in doubt (timeout, 5xx, c
 in-doubt requests are retried with the same Idempotency-Key. After the load and a drain, the
 checker counts lost (ok but not completed), duplicated (stock arithmetic does not add up),
 stuck (not final) and unexpected (an order nobody asked for) orders, and untold ones: an order
-whose events do not end in its status, or an event of an order that is not there.
+whose events do not end in its status, or an event of an order that is not there, or a final
+status that the stack's webhook receiver (on 127.0.0.1, registered for the final events) did not
+receive, verified, with the order's status.
 """
 
 import asyncio
@@ -26,6 +28,7 @@ from shared import amqp, db, setup, topology
 from shared.settings import SetupSettings
 from testbed.patroni import PostgresCluster
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service, free_port
+from testbed.receiver import Receiver
 from tests.faults.nodes import PostgresNode, RabbitCluster, RabbitNode
 from tests.integration.proxy import Proxy
 
@@ -155,6 +158,7 @@ class Stack:
         self.relay: Relay | None = None
         self.retired: list[Service] = []
         self.elections = 0  # work queues whose leader a fault moved to another node
+        self.receiver = Receiver()  # the stack's webhook endpoint
 
     @property
     def base_url(self) -> str:
@@ -183,6 +187,10 @@ class Stack:
             "METRICS_PORT": "0",
             "RELAY_INLINE": "false" if self.relay_apart else "true",
             "QUEUE_KIND": self.topology.kind,
+            "WEBHOOK_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",
+            "WEBHOOK_RETRY_BASE_MS": "200",
+            "WEBHOOK_RETRY_CAP_MS": "5000",
+            "WEBHOOK_MAX_ATTEMPTS": "60",
         }
 
     async def start(self) -> None:
@@ -207,9 +215,13 @@ class Stack:
             self.consumers.append(self._consumer(i))
         for consumer in self.consumers:
             await consumer.wait_for_event("consuming", queues=self.consumed)
+        await self.receiver.start()
         async with httpx.AsyncClient(base_url=self.base_url, headers=AUTH) as client:
             await _until(lambda: _ready(client), 60)
             await client.put(f"/inventory/{SKU}", json={"available": STOCK})
+            endpoint = await client.post("/webhooks", json={"url": self.receiver.url("/hook")})
+            assert endpoint.status_code == 201, endpoint.text
+            self.receiver.secrets["/hook"] = endpoint.json()["secret"]
 
     def _consumer(self, i: int) -> Service:
         self.starts += 1
@@ -267,6 +279,7 @@ class Stack:
             service.kill()
         if self.proxy:
             await self.proxy.close()
+        await self.receiver.stop()
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
@@ -674,14 +687,15 @@ async def _drain(stack: Stack, load: Load, limit: float) -> float:
         channel = await connection.channel()
 
         async def empty() -> bool:
-            orders = stack.topology.orders
-            for queue in (*orders.work, *orders.retry_queues):
-                declared = await channel.declare_queue(queue.name, passive=True)
-                if declared.declaration_result.message_count:
-                    return False
+            for lane in (stack.topology.orders, stack.topology.webhooks):
+                for queue in (*lane.work, *lane.retry_queues):
+                    declared = await channel.declare_queue(queue.name, passive=True)
+                    if declared.declaration_result.message_count:
+                        return False
             pending = await conn.fetchval(
                 "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM orders"
                 " WHERE status NOT IN ('completed', 'rejected', 'failed'))"
+                " + (SELECT count(*) FROM webhook_deliveries WHERE status = 'pending')"
             )
             return bool(pending == 0)
 
@@ -717,6 +731,12 @@ async def _check(stack: Stack, load: Load) -> dict[str, int]:
                    + (SELECT count(*) FROM order_events e
                        WHERE NOT EXISTS (SELECT FROM orders o WHERE o.id = e.order_id))"""
         )
+        statuses = {
+            str(r["id"]): r["status"]
+            for r in await conn.fetch(
+                "SELECT id, status FROM orders WHERE status IN ('completed', 'rejected', 'failed')"
+            )
+        }
     finally:
         await conn.close()
     sent = {r.key: r for r in load.history}
@@ -736,7 +756,10 @@ async def _check(stack: Stack, load: Load) -> dict[str, int]:
             1 for row in orders.values() if row["status"] not in ("completed", "failed", "rejected")
         ),
         "unexpected": sum(1 for key in orders if key not in sent or sent[key].outcome == "failed"),
-        "untold": untold,
+        # and its final status reached the webhook receiver, signed (none forged)
+        "untold": untold
+        + sum(stack.receiver.final().get(i) != status for i, status in statuses.items())
+        + stack.receiver.forged,
         "redeliveries": sum(row["attempts"] - 1 for row in completed),
     }
 

@@ -26,7 +26,10 @@ from shared.settings import ConsumerSettings, ProducerSettings
 from testbed.processes import API_KEY, AUTH, Producer, Relay, Service
 from tests.integration.proxy import Proxy
 
-TABLES = "reservations, outbox, orders, order_events, inventory, crawl_pages, crawls"
+TABLES = (
+    "reservations, outbox, orders, order_events, inventory, crawl_pages, crawls,"
+    " webhook_deliveries, webhook_endpoints, callback_secrets"
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -146,6 +149,10 @@ def consumer_settings(rabbitmq_url: str, database_url: str) -> Callable[..., Con
             "metrics_port": 0,
             "retry_base_ms": 100,
             "retry_cap_ms": 1_000,
+            "crawl_retry_base_ms": 100,
+            "crawl_retry_cap_ms": 1_000,
+            "webhook_retry_base_ms": 100,
+            "webhook_retry_cap_ms": 1_000,
         }
         return ConsumerSettings(**{**values, **overrides})
 

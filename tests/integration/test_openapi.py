@@ -58,7 +58,12 @@ async def test_the_documented_links_lead_to_answers_that_follow_the_document(
     """Schemathesis's generated requests seldom name an order or a crawl that exists. These make
     some, follow every link the document gives from each answer with the values it names, and
     check each answer against its documented schema."""
-    producer = spawn("producer", "producer-links", CRAWL_ALLOWED_PRIVATE_HOSTS="127.0.0.1")
+    producer = spawn(
+        "producer",
+        "producer-links",
+        CRAWL_ALLOWED_PRIVATE_HOSTS="127.0.0.1",
+        WEBHOOK_ALLOWED_PRIVATE_HOSTS="127.0.0.1",
+    )
     assert isinstance(producer, Producer)
     await producer.wait_healthy()
     url = f"{producer.base_url}/openapi.json"
@@ -95,6 +100,7 @@ async def test_the_documented_links_lead_to_answers_that_follow_the_document(
         await call("POST", "/orders", 202, json=order)
         await call("POST", "/orders/batch", 202, json={"orders": [order, order]})
         await call("POST", "/crawls", 202, json={"url": "http://127.0.0.1:9/"})
+        await call("POST", "/webhooks", 201, json={"url": "http://127.0.0.1:9/hook"})
         await call("GET", "/dashboard/data", 200)
         await call("GET", "/readyz", 200)
 

@@ -24,6 +24,7 @@ async def test_concurrent_migrations_on_a_fresh_database(database_url: str) -> N
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
         )
         assert {t["tablename"] for t in tables} == {
+            "callback_secrets",
             "crawl_pages",
             "crawls",
             "inventory",
@@ -32,6 +33,8 @@ async def test_concurrent_migrations_on_a_fresh_database(database_url: str) -> N
             "outbox",
             "reservations",
             "schema_version",
+            "webhook_deliveries",
+            "webhook_endpoints",
         }
         await db.migrate(pools[0], 30)  # and again later: nothing to do
     finally:

@@ -146,12 +146,13 @@ async def test_each_broker_user_can_do_only_its_part(broker: Broker, database: D
     async with await aio_pika.connect(broker.urls["consumer"]) as connection:
         channel = await connection.channel()
         await topology.declare(channel, topology.Kind.CLASSIC, "consumer")
-        for exchange in ("orders.retry", "orders.dead", "crawls.retry", "crawls.dead"):
-            await (await channel.get_exchange(exchange)).publish(aio_pika.Message(b"x"), "1s")
+        for lane in ("orders", "crawls", "webhooks"):
+            for exchange in (f"{lane}.retry", f"{lane}.dead"):
+                await (await channel.get_exchange(exchange)).publish(aio_pika.Message(b"x"), "1s")
         message = await (await channel.get_queue(topology.WORK.name)).get(timeout=5)
         assert message is not None  # what the producer published above
         await message.ack()
-    for exchange in ("orders", "crawls"):
+    for exchange in ("orders", "crawls", "webhooks"):
         async with await aio_pika.connect(broker.urls["consumer"]) as connection:
             channel = await connection.channel()
             target = await channel.get_exchange(exchange)
@@ -547,6 +548,48 @@ async def _work_queue_empty(deployed: Deployed) -> bool:
             if declared.declaration_result.message_count:
                 return False
         return True
+
+
+async def test_a_consumer_can_only_resend_a_stored_webhook_delivery(deployed: Deployed) -> None:
+    """A delivery nobody's event made, and one with a URL of the publisher's choosing, are not
+    believed; a stored delivery sent again is a duplicate that changes nothing."""
+    endpoint = uuid.uuid4()
+    await deployed.conn.execute(
+        "INSERT INTO webhook_endpoints (id, api_key, url, event_types, secret)"
+        " VALUES ($1, 'k', 'http://127.0.0.1:9/hook', '{order.completed}', 'whsec_AAAA')",
+        endpoint,
+    )
+    delivered = await deployed.conn.fetchval(
+        "INSERT INTO webhook_deliveries (endpoint_id, url, event_id, order_id, payload, status,"
+        " attempts, unpublished) VALUES ($1, 'http://127.0.0.1:9/hook', 1, $2, '{}',"
+        " 'delivered', 1, false) RETURNING id",
+        endpoint,
+        uuid.uuid4(),
+    )
+    made_up = uuid.uuid4()
+    bodies = [
+        (delivered, {"version": 1, "delivery_id": str(delivered)}),  # sent again: a duplicate
+        (made_up, {"version": 1, "delivery_id": str(made_up)}),  # no such delivery
+        # a real one, sent elsewhere: the contract has no URL, so the message is poison
+        (delivered, {"version": 1, "delivery_id": str(delivered), "url": "http://10.0.0.1/"}),
+    ]
+    for delivery_id, body in bodies:  # one retry queue: handed to the worker in this order
+        await deployed.publish(
+            "consumer",
+            "webhooks.retry",
+            "100ms",
+            body,
+            message_id=str(delivery_id),
+            type="webhook.delivery",
+            headers={"attempt": 2},
+        )
+    letters = await deployed.dead_letters(topology.CLASSIC.webhooks, 2)
+    assert {h["error-type"] for h in letters.values()} == {"Unrecognised", "InvalidMessage"}
+    row = await deployed.conn.fetchrow(
+        "SELECT status, attempts FROM webhook_deliveries WHERE id = $1", delivered
+    )
+    assert (row["status"], row["attempts"]) == ("delivered", 1)
+    assert await deployed.conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
 
 
 async def test_a_consumer_cannot_create_or_redirect_a_crawl_task(deployed: Deployed) -> None:

@@ -31,6 +31,7 @@ class Handler:
     subject = "order_id"
     concurrency = prefetch = 1
     max_attempts = MAX_ATTEMPTS
+    retry_base_ms, retry_cap_ms = 100, 1_000
     timeout = 0.2
 
     def __init__(self, error: BaseException | None) -> None:

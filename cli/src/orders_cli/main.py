@@ -186,7 +186,7 @@ def _dlq(action: str, **kwargs: Any) -> None:
 
 
 Limit = Annotated[int, typer.Option(help="most messages to look at")]
-Lane = Annotated[str, typer.Option(help="whose dead letters: orders or crawls")]
+Lane = Annotated[str, typer.Option(help="whose dead letters: orders, crawls or webhooks")]
 
 
 @dlq_app.command("list")

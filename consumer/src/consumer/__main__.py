@@ -55,13 +55,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "show":
             action.add_argument("message_id")
         if name == "replay":
-            action.add_argument("message_ids", nargs="*", help="message ids (order ids)")
+            action.add_argument(
+                "message_ids", nargs="*", help="message ids (order, page or delivery ids)"
+            )
             action.add_argument("--all", action="store_true", help="replay every dead letter")
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="confirm")
         action.add_argument("--limit", type=int, default=10_000, help="most messages to look at")
         action.add_argument(
-            "--lane", choices=("orders", "crawls"), default="orders", help="whose dead letters"
+            "--lane", choices=dlq.LANES, default="orders", help="whose dead letters"
         )
     return root
 

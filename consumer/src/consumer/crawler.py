@@ -104,6 +104,7 @@ class CrawlHandler:
         self.lane = lane  # the deployment's kind's ``crawls``
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.task_timeout
+        self.retry_base_ms, self.retry_cap_ms = settings.retry_base_ms, settings.retry_cap_ms
 
     def place(self, message: Delivery) -> tuple[Frontier, int]:
         try:

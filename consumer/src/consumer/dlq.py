@@ -1,11 +1,12 @@
 """Inspect and replay the dead-letter queues: ``python -m consumer dlq list|show|replay|purge``.
 
 Each lane has its own (``--lane orders``, the default: ``orders.dead``, or ``orders.quorum.dead``
-on the quorum kind; ``--lane crawls``: ``crawls.dead``, ``crawls.quorum.dead``). Browsing takes
+on the quorum kind; ``--lane crawls``: ``crawls.dead``, ``crawls.quorum.dead``; ``--lane
+webhooks``: ``webhooks.dead``, ``webhooks.quorum.dead``). Browsing takes
 messages without acking them and closes the channel afterwards, which puts every message back;
 replay is a confirmed publish to the lane's work exchange, with the routing key of its priority's
 band and a fresh attempt count, then the ack of the dead letter; a dead letter that names no
-order or crawl page the database holds is never replayed.
+order, crawl page or webhook delivery the database holds is never replayed.
 """
 
 import sys
@@ -20,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from shared import amqp, db, messages, topology
 from shared.settings import ConsumerSettings
 
-LANES = ("orders", "crawls")  # each kind's lanes, by name (``Topology.lane``)
+LANES = ("orders", "crawls", "webhooks")  # each kind's lanes, by name (``Topology.lane``)
 
 DROP_ON_REPLAY = (
     messages.ERROR_TYPE,
@@ -98,15 +99,16 @@ async def show_dead(
         return next((d.detail() for d in letters if d.message.message_id == message_id), None)
 
 
-# What a dead letter must stand for to be replayed, by lane: an order or crawl page the database
-# holds. Anyone who may publish to a dead-letter exchange (a consumer) can put a message there;
-# replaying it must not create work that nobody submitted (docs/security.md).
+# What a dead letter must stand for to be replayed, by lane: an order, crawl page or webhook
+# delivery the database holds. Anyone who may publish to a dead-letter exchange (a consumer) can
+# put a message there; replaying it must not create work that nobody submitted (docs/security.md).
 KNOWN = {
     "orders": "SELECT EXISTS (SELECT FROM orders WHERE id = $1)",
     "crawls": "SELECT EXISTS (SELECT FROM crawl_pages WHERE id = $1)",
+    "webhooks": "SELECT EXISTS (SELECT FROM webhook_deliveries WHERE id = $1)",
 }
 # What replay resets, by lane: the order goes back to ``accepted``; the crawl page to
-# ``queued`` and its crawl, if it had completed, to ``running``.
+# ``queued`` and its crawl, if it had completed, to ``running``; the delivery to ``pending``.
 REOPEN = {
     "orders": [
         """UPDATE orders SET status = 'accepted', reason = NULL, attempts = 0,
@@ -119,6 +121,10 @@ REOPEN = {
              AND id = (SELECT crawl_id FROM crawl_pages WHERE id = $1 AND status = 'failed')""",
         """UPDATE crawl_pages SET status = 'queued', attempts = 0, error = NULL
            WHERE id = $1 AND status = 'failed'""",
+    ],
+    "webhooks": [
+        """UPDATE webhook_deliveries SET status = 'pending', attempts = 0
+           WHERE id = $1 AND status = 'failed'"""
     ],
 }
 

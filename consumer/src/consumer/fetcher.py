@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -51,48 +52,47 @@ class Page:
     redirect: bool = False
 
 
-class _GuardedResolver(AbstractResolver):
-    """Resolves as usual, then refuses the host if any address is not public."""
+class GuardedResolver(AbstractResolver):
+    """Resolves as usual, then refuses the host if any address is not public (``urls``; the
+    webhooks' sender uses it too, with its own ``setting``)."""
 
-    def __init__(self, allowed_private: frozenset[str]) -> None:
+    def __init__(self, allowed_private: frozenset[str], setting: str = urls.CRAWLS) -> None:
         self._inner = aiohttp.ThreadedResolver()
-        self._allowed = allowed_private
+        self._allowed, self._setting = allowed_private, setting
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        urls.check_addresses(host, [r["host"] for r in results], self._allowed)
+        urls.check_addresses(host, [r["host"] for r in results], self._allowed, self._setting)
         return results
 
     async def close(self) -> None:
         await self._inner.close()
 
 
-@dataclass
-class _Host:
-    slots: asyncio.Semaphore
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    next_start: float = 0.0
+class GuardedClient:
+    """Holds one aiohttp session while entered, whose every connection passes the address
+    policy; no cookies. The fetcher's and the webhook sender's base."""
 
+    _session: aiohttp.ClientSession | None = None
 
-class Fetcher:
-    def __init__(self, settings: CrawlerSettings) -> None:
-        self.settings = settings
-        self.allowed_private = urls.parse_hosts(settings.allowed_private_hosts)
-        self._hosts: dict[str, _Host] = {}
-        self._robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser | None]] = {}
-        self._robots_locks: dict[str, asyncio.Lock] = {}
-        self._session: aiohttp.ClientSession | None = None
+    def _open(self) -> aiohttp.ClientSession:
+        raise NotImplementedError
 
-    async def __aenter__(self) -> "Fetcher":
-        s = self.settings
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=_GuardedResolver(self.allowed_private)),
-            timeout=aiohttp.ClientTimeout(total=s.fetch_timeout),
-            headers={"User-Agent": s.user_agent, "Accept": "text/html,*/*;q=0.5"},
+    @staticmethod
+    def _guarded(
+        allowed_private: frozenset[str], setting: str, seconds: float, **kwargs: Any
+    ) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(allowed_private, setting)),
+            timeout=aiohttp.ClientTimeout(total=seconds),
             cookie_jar=aiohttp.DummyCookieJar(),
+            **kwargs,
         )
+
+    async def __aenter__(self) -> Self:
+        self._session = self._open()
         return self
 
     async def __aexit__(
@@ -103,6 +103,27 @@ class Fetcher:
     ) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+@dataclass
+class _Host:
+    slots: asyncio.Semaphore
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_start: float = 0.0
+
+
+class Fetcher(GuardedClient):
+    def __init__(self, settings: CrawlerSettings) -> None:
+        self.settings = settings
+        self.allowed_private = urls.parse_hosts(settings.allowed_private_hosts)
+        self._hosts: dict[str, _Host] = {}
+        self._robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser | None]] = {}
+        self._robots_locks: dict[str, asyncio.Lock] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        s = self.settings
+        headers = {"User-Agent": s.user_agent, "Accept": "text/html,*/*;q=0.5"}
+        return self._guarded(self.allowed_private, urls.CRAWLS, s.fetch_timeout, headers=headers)
 
     async def fetch(self, url: str) -> Page:
         """Fetch ``url`` if robots.txt allows; raises ``FetchFailed`` when worth retrying."""

@@ -69,6 +69,7 @@ class OrderHandler:
         self.lane = topology.of(settings.queue_kind).orders
         self.concurrency, self.prefetch = settings.concurrency, settings.prefetch
         self.max_attempts, self.timeout = settings.max_attempts, settings.order_timeout
+        self.retry_base_ms, self.retry_cap_ms = settings.retry_base_ms, settings.retry_cap_ms
         # The runners' statements go to PostgreSQL in batches: two commits per batch, not per
         # order (shared/batch.py).
         self.start = Batcher(self._start, key=lambda job: job[0].id)

@@ -70,6 +70,8 @@ class Handler(Protocol):
     concurrency: int  # runners
     prefetch: int
     max_attempts: int
+    retry_base_ms: int  # the backoff (``retry_delay_ms``)
+    retry_cap_ms: int
     timeout: float  # seconds one attempt may take
 
     def place(self, message: Delivery) -> tuple[Frontier, int]:
@@ -302,8 +304,8 @@ class Worker:
     async def _retry_later(
         self, lane: _Lane, message: Delivery, exc: Exception, attempt: int
     ) -> None:
-        s = self.settings
-        delay = retry_delay_ms(attempt, s.retry_base_ms, s.retry_cap_ms)
+        handler = lane.handler
+        delay = retry_delay_ms(attempt, handler.retry_base_ms, handler.retry_cap_ms)
         error = _describe(exc)
         log.warning(
             "%s %s attempt %d failed (%s); retry in %d ms",

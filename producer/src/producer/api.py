@@ -12,12 +12,12 @@ import orjson
 from fastapi import APIRouter, Header, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from producer import store
+from producer import store, webhooks
 from producer.backlog import Backlog
 from producer.problems import UNAVAILABLE, Problem
 from producer.services import Caller, Services, ServicesDep
 from shared.db import Status, replicated
-from shared.messages import Item, NewOrder, Sku, new_id
+from shared.messages import Item, OrderRequest, Sku, new_id
 
 router = APIRouter()  # needs an API key
 health = APIRouter(tags=["health"])  # open: probes carry no keys
@@ -46,7 +46,7 @@ class OrderView(BaseModel):
     processed_by: str | None = Field(description="the consumer that settled the order")
 
 
-class BatchEntry(NewOrder):
+class BatchEntry(OrderRequest):
     idempotency_key: Key | None = None
 
 
@@ -79,9 +79,14 @@ class StockView(StockLevel):
     updated_at: datetime
 
 
-def _digest(order: NewOrder) -> bytes:
-    """What makes two requests with one Idempotency-Key the same request."""
-    body = order.model_dump(mode="json", include={"customer_id", "items", "priority"})
+def _digest(order: OrderRequest) -> bytes:
+    """What makes two requests with one Idempotency-Key the same request (a callback_url only
+    when given, so that the digests of orders without one stay as they were)."""
+    body = order.model_dump(
+        mode="json",
+        include={"customer_id", "items", "priority", "callback_url"},
+        exclude_none=True,
+    )
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
@@ -106,16 +111,19 @@ def order_json(row: asyncpg.Record | Mapping[str, Any]) -> bytes:
 
 
 async def accept(
-    services: Services, order: NewOrder, key: str | None, owner: str
+    services: Services, order: OrderRequest, key: str | None, owner: str
 ) -> asyncpg.Record:
     """Store ``order`` as submitted with the API key named ``owner``, or find the one an earlier
     request with ``key`` stored; its row. The route's and the fast path's one admission of a
     valid order from a known caller.
 
     Raises a 503 problem when too much work is queued, and a 422 when ``key`` was used with
-    another order.
+    another order or the callback_url may not be used.
     """
     _refuse_when_overloaded(services.backlog)
+    if order.callback_url is not None:
+        url = await webhooks.check_callback(services, order.callback_url, owner)
+        order = order.model_copy(update={"callback_url": url})
     digest = _digest(order) if key else None  # only a key's reuse is compared
     row = await services.submit(store.Submission(new_id(), order, key, digest, owner))
     if row is None:  # the key was used before
@@ -156,7 +164,10 @@ def link(operation: str, **parameters: str) -> dict[str, Any]:
     },
 )
 async def submit_order(
-    order: NewOrder, services: ServicesDep, owner: Caller, idempotency_key: IdempotencyKey = None
+    order: OrderRequest,
+    services: ServicesDep,
+    owner: Caller,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Accept an order: it is stored durably before the 202, then queued for processing."""
     # A valid order with a valid key seldom gets here: producer/fastpath.py answers it first.
@@ -184,8 +195,14 @@ async def submit_batch(batch: Batch, services: ServicesDep, owner: Caller) -> Ba
             "Each key may appear once in a batch.",
             "/problems/validation-error",
         )
-    ids = [new_id() for _ in batch.orders]
-    digests = [_digest(o) for o in batch.orders]
+    callbacks = {o.callback_url for o in batch.orders if o.callback_url}
+    checked = {url: await webhooks.check_callback(services, url, owner) for url in callbacks}
+    entries = [
+        o.model_copy(update={"callback_url": checked[o.callback_url]}) if o.callback_url else o
+        for o in batch.orders
+    ]
+    ids = [new_id() for _ in entries]
+    digests = [_digest(o) for o in entries]
     rows = [
         {
             "id": str(i),
@@ -194,8 +211,9 @@ async def submit_batch(batch: Batch, services: ServicesDep, owner: Caller) -> Ba
             "priority": o.priority,
             "key": o.idempotency_key,
             "hash": d.hex() if o.idempotency_key else None,
+            "callback_url": o.callback_url,
         }
-        for i, o, d in zip(ids, batch.orders, digests, strict=True)
+        for i, o, d in zip(ids, entries, digests, strict=True)
     ]
     async with services.pool.acquire() as conn, replicated(conn), conn.transaction():
         created = await store.submit_batch(conn, rows, owner)

@@ -7,7 +7,18 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer import api, backlog, crawls, dashboard, events, openapi, outbox, problems, store
+from producer import (
+    api,
+    backlog,
+    crawls,
+    dashboard,
+    events,
+    openapi,
+    outbox,
+    problems,
+    store,
+    webhooks,
+)
 from producer.auth import SCHEMES, Guard
 from producer.bodies import BodyGuard
 from producer.fastpath import SubmitFastPath
@@ -69,6 +80,7 @@ def create_app(
     keyed = [Depends(require_key), *SCHEMES]
     app.include_router(api.router, dependencies=keyed)
     app.include_router(crawls.router, dependencies=keyed)
+    app.include_router(webhooks.router, dependencies=keyed)
     app.include_router(events.keyed, dependencies=keyed)
     app.include_router(events.router, dependencies=[*SCHEMES, events.TOKEN])  # or a token
     app.include_router(api.health)

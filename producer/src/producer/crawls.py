@@ -1,7 +1,6 @@
 """The crawl routes: start a crawl, follow its progress, list its pages, cancel it."""
 
 import hashlib
-import socket
 from datetime import datetime
 from typing import Annotated
 from uuid import UUID
@@ -118,30 +117,6 @@ async def _view(pool: asyncpg.Pool, crawl_id: UUID) -> tuple[CrawlView, bytes | 
     return CrawlView.model_validate(values), digest
 
 
-async def _check_root(url: str, allowed_private: frozenset[str]) -> str:
-    """The normalised root URL, or a 422 saying why a crawl may not start there."""
-    root = urls.normalise(url)
-    if root is None:
-        raise Problem(
-            422,
-            "Invalid crawl URL",
-            "url must be an absolute http or https URL with a host.",
-            "/problems/validation-error",
-        )
-    host = urls.host_of(root)
-    try:
-        addresses = await urls.resolve(host)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Problem(
-            422, "Unknown host", f"{host} does not resolve: {exc}", "/problems/unknown-host"
-        ) from None
-    try:
-        urls.check_addresses(host, addresses, allowed_private)
-    except urls.AddressRefused as exc:
-        raise Problem(422, "Address not allowed", str(exc), "/problems/address-refused") from None
-    return root
-
-
 @router.post(
     "/crawls",
     status_code=202,
@@ -173,7 +148,7 @@ async def start_crawl(
     """Start a crawl at ``url``: stored before the 202, then crawled by the consumers."""
     pool = services.pool
     allowed_private = urls.parse_hosts(services.settings.crawl_allowed_private_hosts)
-    root = await _check_root(crawl.url, allowed_private)
+    root = await urls.checked(crawl.url, allowed_private)
     hosts = sorted({h.lower().strip("[]") for h in crawl.allowed_hosts or [urls.host_of(root)]})
     digest = hashlib.sha256(
         orjson.dumps([root, crawl.max_depth, crawl.max_pages, crawl.order.value, hosts])

@@ -3,8 +3,8 @@
 FastAPI's middleware, routing, dependency solving and response model cost about half of the
 producer's CPU per accepted order (docs/performance-history.md). This ASGI middleware, the outermost
 of the app's own, answers a ``POST /orders`` itself when the route would get a valid order: a JSON
-body within the size limit that is a valid ``NewOrder``, and a valid ``Idempotency-Key`` or none.
-It then admits it as the route does, with the same two calls: the key check every keyed route
+body within the size limit that is a valid ``OrderRequest``, and a valid ``Idempotency-Key`` or
+none. It then admits it as the route does, with the same two calls: the key check every keyed route
 makes (``Guard.admit``: 401, 429) and the order's own (``api.accept``: 503 when overloaded, 422 for
 a reused key, else the order stored and the 202). A check added to either is made on both paths.
 
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer import api, bodies, problems
 from producer.services import Services
-from shared.messages import NewOrder
+from shared.messages import OrderRequest
 
 PATH = "/orders"
 _HEADERS = (b"content-length", b"content-type", b"idempotency-key", b"x-api-key", b"authorization")
@@ -60,7 +60,7 @@ class SubmitFastPath:
 
     def _parse(
         self, headers: dict[bytes, str], messages: list[Message]
-    ) -> tuple[NewOrder, str | None] | None:
+    ) -> tuple[OrderRequest, str | None] | None:
         """The order and its key, if FastAPI would find both valid."""
         if messages[-1]["type"] != "http.request" or messages[-1].get("more_body", False):
             return None
@@ -69,7 +69,7 @@ class SubmitFastPath:
             return None
         key = headers.get(b"idempotency-key")
         try:
-            order = NewOrder.model_validate(orjson.loads(body))
+            order = OrderRequest.model_validate(orjson.loads(body))
             if key is not None:
                 _KEY.validate_python(key)
         except ValueError:  # orjson's and pydantic's errors both are

@@ -1,13 +1,14 @@
 """The outbox relay: publishes committed work to RabbitMQ and forgets it only after the confirm.
 
-Two sources feed it. ``POST /orders`` commits the order and its outbox row together; a crawl's
+Three sources feed it. ``POST /orders`` commits the order and its outbox row together; a crawl's
 pages are rows of ``crawl_pages`` still marked ``unpublished``, written by ``POST /crawls`` and by
-the consumers that find links. The relay claims rows (``FOR UPDATE SKIP LOCKED``, so relays, and
-the two publishers of each, share the work), publishes them with publisher confirms, and forgets
-the confirmed ones in the same transaction. Whatever is left (broker down, confirm timed out,
-process killed) is published on a later round: at least once, and the consumers make a duplicate
-harmless. It runs in the API's process (``RELAY_INLINE=true``) or alone (``python -m producer
-relay``, ``serve``): either way the same.
+the consumers that find links; webhook deliveries are rows of ``webhook_deliveries`` still marked
+``unpublished``, written with each order event that has a receiver. The relay claims rows (``FOR
+UPDATE SKIP LOCKED``, so relays, and the two publishers of each, share the work), publishes them
+with publisher confirms, and forgets the confirmed ones in the same transaction. Whatever is left
+(broker down, confirm timed out, process killed) is published on a later round: at least once, and
+the consumers make a duplicate harmless. It runs in the API's process (``RELAY_INLINE=true``) or
+alone (``python -m producer relay``, ``serve``): either way the same.
 
 A round looks only at the sources that are due: woken by a commit (an insert of rows to publish
 sends ``NOTIFY outbox`` at its commit: a trigger of the schema), or still holding rows after a
@@ -37,7 +38,14 @@ from aio_pika.abc import AbstractChannel
 from producer.metrics import Metrics
 from shared import amqp, db, hosts, logs, topology
 from shared.errors import Misconfigured
-from shared.messages import CrawlTask, Outgoing, encode_stored, encode_task
+from shared.messages import (
+    CrawlTask,
+    Outgoing,
+    WebhookTask,
+    encode_stored,
+    encode_task,
+    encode_webhook,
+)
 from shared.metrics import serving_metrics
 from shared.settings import ProducerSettings
 
@@ -48,7 +56,7 @@ log = logging.getLogger(__name__)
 class Source:
     """Rows to publish to a lane: how to claim them, encode one, and forget the confirmed."""
 
-    lane: str  # the lane's name: ``orders``, ``crawls`` (``Topology.lane``)
+    lane: str  # the lane's name: ``orders``, ``crawls``, ``webhooks`` (``Topology.lane``)
     claim: str  # $1: how many; the first column is the row's key
     encode: Callable[[dict[str, Any]], Outgoing]
     forget: str  # $1: the keys of the confirmed rows
@@ -76,14 +84,25 @@ CRAWL_TASKS = Source(
     lambda row: encode_task(CrawlTask.model_validate(row)),
     "UPDATE crawl_pages SET unpublished = false WHERE id = ANY($1::uuid[])",
 )
-SOURCES = (ORDERS, CRAWL_TASKS)
-BY_NAME = {"orders": ORDERS, "crawls": CRAWL_TASKS}  # as ``NOTIFY outbox`` names them
+WEBHOOKS = Source(
+    "webhooks",
+    """SELECT id AS delivery_id FROM webhook_deliveries
+       WHERE unpublished
+       ORDER BY seq
+       LIMIT $1
+       FOR UPDATE SKIP LOCKED""",
+    lambda row: encode_webhook(WebhookTask.model_validate(row)),
+    "UPDATE webhook_deliveries SET unpublished = false WHERE id = ANY($1::uuid[])",
+)
+SOURCES = (ORDERS, CRAWL_TASKS, WEBHOOKS)
+BY_NAME = {s.lane: s for s in SOURCES}  # as ``NOTIFY outbox`` names them
 PUBLISHERS = 2  # rounds in flight at once behind a backlog; one otherwise
 EXPIRY_INTERVAL, EXPIRED_BATCH = 600.0, 10_000  # order events: seconds between runs, rows a delete
 
 
 class Relay:
-    """Moves orders from the outbox to the ``orders`` exchange, crawl pages to ``crawls``."""
+    """Moves orders from the outbox to the ``orders`` exchange, crawl pages to ``crawls``, webhook
+    deliveries to ``webhooks``."""
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from shared import urls
 from shared.db import NotReplicated
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def install(app: FastAPI) -> None:
     """Answer every error, expected or not, as problem details."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
-    handled: tuple[type[Exception], ...] = (Problem, *UNAVAILABLE, Exception)
+    handled: tuple[type[Exception], ...] = (Problem, urls.Unusable, *UNAVAILABLE, Exception)
     for exc_type in handled:
         app.add_exception_handler(exc_type, _on_error)
 
@@ -102,6 +103,8 @@ def answer(exc: Exception, instance: str) -> Response:
     unreachable or a write's outcome is in doubt, 500 (logged) for anything unexpected."""
     if isinstance(exc, Problem):
         return exc.response(instance)
+    if isinstance(exc, urls.Unusable):  # a crawl's or a webhook's URL
+        return Problem(422, exc.title, str(exc), f"/problems/{exc.problem}").response(instance)
     if isinstance(exc, UNAVAILABLE):
         log.warning("database unavailable: %r", exc)
         return Problem(

@@ -11,7 +11,7 @@ import asyncpg
 
 from shared import db
 from shared.batch import Batcher
-from shared.messages import NewOrder, items_json
+from shared.messages import OrderRequest, items_json
 
 Connection: TypeAlias = (
     "asyncpg.pool.PoolConnectionProxy[Any]"  # from ``pool.acquire()``, in a transaction
@@ -27,11 +27,12 @@ ORDER_COLUMNS = """id, status, customer_id, items, priority, attempts, reason, n
 SUBMIT = f"""
     WITH new AS (
         INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash,
-                            api_key)
-        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash, owner
+                            api_key, callback_url)
+        SELECT id, customer_id, items::jsonb, priority, 'accepted', key, hash, owner, callback
           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[],
-                      $7::text[])
-               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, owner, arrival)
+                      $7::text[], $8::text[])
+               WITH ORDINALITY AS n (id, customer_id, items, priority, key, hash, owner, callback,
+                                     arrival)
          ORDER BY key, arrival
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING {ORDER_COLUMNS}
@@ -45,11 +46,13 @@ SUBMIT = f"""
 SUBMIT_BATCH = """
     WITH input AS (
         SELECT * FROM jsonb_to_recordset($1::jsonb) AS t(
-            id uuid, customer_id text, items jsonb, priority smallint, key text, hash text)
+            id uuid, customer_id text, items jsonb, priority smallint, key text, hash text,
+            callback_url text)
     ), new AS (
         INSERT INTO orders (id, customer_id, items, priority, status, idempotency_key, request_hash,
-                            api_key)
-        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex'), $2
+                            api_key, callback_url)
+        SELECT id, customer_id, items, priority, 'accepted', key, decode(hash, 'hex'), $2,
+               callback_url
           FROM input
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING id, priority
@@ -65,7 +68,7 @@ class Submission:
     """One ``POST /orders`` for the shared statement."""
 
     id: UUID
-    order: NewOrder
+    order: OrderRequest  # its callback_url checked
     key: str | None
     digest: bytes | None
     owner: str  # the name of the API key that submits it
@@ -88,6 +91,7 @@ def submitter(pool: asyncpg.Pool) -> Submitter:
                 [s.key for s in batch],
                 [s.digest for s in batch],
                 [s.owner for s in batch],
+                [s.order.callback_url for s in batch],
             )
         stored = {row["id"]: row for row in rows}
         return [stored.get(s.id) for s in batch]

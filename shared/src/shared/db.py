@@ -64,6 +64,15 @@ class PageStatus(StrEnum):
     CANCELLED = "cancelled"  # still queued when its crawl was cancelled
 
 
+class DeliveryStatus(StrEnum):
+    """A webhook delivery's (docs/notifications.md)."""
+
+    PENDING = "pending"  # in the outbox, the broker, or being retried
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # attempts exhausted: in the webhooks' dead-letter queue
+    CANCELLED = "cancelled"  # its endpoint was deleted or disabled before it was delivered
+
+
 # NOTIFY on this channel (by the triggers of schema/0007_notify_relay.sql): rows to publish were
 # committed, the relays should publish now. The payload names whose: 'orders' or 'crawls'.
 OUTBOX_CHANNEL = "outbox"
@@ -108,6 +117,11 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT ON order_events",  # the event streams; the triggers write them
         "EXECUTE ON FUNCTION expire_order_events(interval, integer)",  # the relay's retention
         "EXECUTE ON FUNCTION hold_orders(text[]), hold_crawls(text[])",  # keys found, replicated
+        # A key's endpoints: made, listed and deleted, their secrets written once, never read.
+        "SELECT (id, api_key, url, event_types, created_at, failing_since, disabled_at,"
+        " disabled_reason, deleted_at), INSERT, UPDATE (secret, deleted_at) ON webhook_endpoints",
+        "SELECT (api_key, created_at), INSERT, UPDATE (secret, created_at) ON callback_secrets",
+        "SELECT, UPDATE (unpublished) ON webhook_deliveries",  # the relay's claims
         "SELECT ON schema_version",
     ),
     "consumer": (
@@ -118,6 +132,10 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT, INSERT, UPDATE ON crawl_pages",
         "USAGE ON SEQUENCE crawl_pages_seq_seq, crawl_visits",
         "EXECUTE ON FUNCTION reserve_orders(uuid[], text[], int[], text)",
+        "SELECT, UPDATE (failing_since, disabled_at, disabled_reason) ON webhook_endpoints",
+        "SELECT ON callback_secrets",  # to sign
+        "SELECT, UPDATE (status, attempts, last_status, last_error, delivered_at)"
+        " ON webhook_deliveries",
         "SELECT ON schema_version",
     ),
 }

@@ -4,7 +4,8 @@ Any AMQP client can publish an order: exchange ``orders``, routing key ``order.c
 ``type=order.created``, ``content_type=application/json``, ``delivery_mode=2``,
 ``message_id`` = the order id, ``priority`` = the order priority, and a JSON body
 matching ``OrderMessage``. Crawl tasks (``crawl.task`` on exchange ``crawls``, body
-``CrawlTask``) travel the same way; only the crawler's outbox relay publishes them.
+``CrawlTask``) and webhook deliveries (``webhook.delivery`` on exchange ``webhooks``, body
+``WebhookTask``) travel the same way; only the outbox relay publishes them.
 """
 
 import os
@@ -33,6 +34,7 @@ from shared.errors import InvalidMessage
 
 MESSAGE_TYPE = "order.created"
 CRAWL_MESSAGE_TYPE = "crawl.task"
+WEBHOOK_MESSAGE_TYPE = "webhook.delivery"
 CONTENT_TYPE = "application/json"
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PRIORITY = 9
@@ -91,6 +93,18 @@ class NewOrder(_Strict):
     priority: Priority = DEFAULT_PRIORITY
 
 
+class OrderRequest(NewOrder):
+    """What a client submits over HTTP: an order, and where to send its final event."""
+
+    callback_url: Annotated[
+        Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None,
+        Field(
+            description="sent the order's final event, signed (docs/notifications.md)",
+            json_schema_extra={"format": "uri"},
+        ),
+    ] = None
+
+
 class OrderMessage(NewOrder):
     """The body of an ``order.created`` message."""
 
@@ -122,6 +136,14 @@ class CrawlTask(_Strict):
         if self.frontier is Frontier.PRIORITY:
             return max(0, MAX_PRIORITY - self.depth)
         return 0
+
+
+class WebhookTask(_Strict):
+    """The body of a ``webhook.delivery`` message: send one stored delivery (its payload, URL and
+    secret stay in the database: the message names it)."""
+
+    version: Literal[1] = SCHEMA_VERSION
+    delivery_id: Annotated[UUID, Field(strict=False)]
 
 
 def items_json(order: NewOrder) -> str:
@@ -159,6 +181,12 @@ def encode_task(task: CrawlTask, attempt: int = 1) -> Outgoing:
     """A crawl task as a persistent AMQP message; ``message_id`` is the page id."""
     body = orjson.dumps(task.model_dump(mode="json"))
     return _message(body, str(task.page_id), task.priority, CRAWL_MESSAGE_TYPE, attempt)
+
+
+def encode_webhook(task: WebhookTask) -> Outgoing:
+    """A webhook delivery as a persistent AMQP message; ``message_id`` is the delivery id."""
+    body = orjson.dumps(task.model_dump(mode="json"))
+    return _message(body, str(task.delivery_id), DEFAULT_PRIORITY, WEBHOOK_MESSAGE_TYPE, 1)
 
 
 def _message(
@@ -212,6 +240,13 @@ def decode_task(message: Received) -> CrawlTask:
     """The crawl task in a delivery, or ``InvalidMessage`` saying why it is not one."""
     task = _decode(message, CRAWL_MESSAGE_TYPE, CrawlTask, "crawl task")
     _named_by_message_id(message, task.page_id)
+    return task
+
+
+def decode_webhook(message: Received) -> WebhookTask:
+    """The webhook delivery a message names, or ``InvalidMessage`` saying why it names none."""
+    task = _decode(message, WEBHOOK_MESSAGE_TYPE, WebhookTask, "webhook delivery")
+    _named_by_message_id(message, task.delivery_id)
     return task
 
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     crawl_allowed_private_hosts: str = Field(
         "", description="comma-separated hosts crawls may reach on non-public addresses"
     )
+    webhook_allowed_private_hosts: str = Field(
+        "", description="comma-separated hosts webhooks may reach on non-public addresses"
+    )
     rabbitmq_password_file: Path | None = None
     database_password_file: Path | None = None
 
@@ -119,6 +122,8 @@ class ConsumerSettings(Settings):
     crawl_concurrency: int = Field(4, ge=1, description="crawl tasks handled at once")
     crawl_prefetch: int = Field(16, ge=1, description="unacked crawl tasks: the LIFO window")
     crawl_max_attempts: int = Field(3, ge=1)
+    crawl_retry_base_ms: int = Field(1_000, ge=1)
+    crawl_retry_cap_ms: int = Field(300_000, ge=1)
     crawl_task_timeout: float = Field(60.0, gt=0, lt=1800, description="seconds per attempt")
     crawl_fetch_timeout: float = Field(10.0, gt=0, description="seconds per HTTP request")
     crawl_max_bytes: int = Field(2_000_000, ge=1, description="largest response read")
@@ -126,6 +131,16 @@ class ConsumerSettings(Settings):
     crawl_host_concurrency: int = Field(2, ge=1, description="requests at once per host")
     crawl_host_delay_ms: int = Field(250, ge=0, description="between requests to one host")
     crawl_user_agent: str = "orders-crawler/0.1"
+    webhook_concurrency: int = Field(8, ge=1, description="webhook deliveries sent at once")
+    webhook_prefetch: int = Field(16, ge=1, description="unacked webhook deliveries")
+    webhook_max_attempts: int = Field(48, ge=1, description="attempts before the dead letters")
+    webhook_retry_base_ms: int = Field(5_000, ge=1, description="the first retry's delay")
+    webhook_retry_cap_ms: int = Field(3_600_000, ge=1, description="the longest retry delay")
+    webhook_timeout: float = Field(10.0, gt=0, lt=1800, description="seconds per attempt")
+    webhook_max_response_bytes: int = Field(65_536, ge=0, description="of an answer read")
+    webhook_disable_after_hours: float = Field(
+        24.0, gt=0, description="hours an endpoint may fail without a success before disabled"
+    )
     consumer_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="recorded on each order it settles, and shown to RabbitMQ",
@@ -144,6 +159,14 @@ class ConsumerSettings(Settings):
             allowed_private_hosts=self.crawl_allowed_private_hosts,
         )
 
+    @property
+    def webhooks(self) -> "WebhookSettings":
+        """The webhook lane's own settings (the ``WEBHOOK_*`` variables)."""
+        prefix = "webhook_"
+        return WebhookSettings(
+            **{name: getattr(self, prefix + name) for name in WebhookSettings.model_fields}
+        )
+
 
 class CrawlerSettings(BaseModel):
     """What the crawl handler and its fetcher are told: ``ConsumerSettings.crawler``."""
@@ -160,6 +183,24 @@ class CrawlerSettings(BaseModel):
     host_concurrency: int
     host_delay_ms: int
     user_agent: str
+    allowed_private_hosts: str
+    retry_base_ms: int
+    retry_cap_ms: int
+
+
+class WebhookSettings(BaseModel):
+    """What the webhook handler is told: ``ConsumerSettings.webhooks``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    concurrency: int
+    prefetch: int
+    max_attempts: int
+    retry_base_ms: int
+    retry_cap_ms: int
+    timeout: float
+    max_response_bytes: int
+    disable_after_hours: float
     allowed_private_hosts: str
 
 

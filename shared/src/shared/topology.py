@@ -15,9 +15,11 @@
                                                (fanout)                          then ack
 
 That is the classic kind. The crawler's lane has the same shape under the names ``crawls``,
-``crawls.work``, ``crawls.retry.<delay>`` and ``crawls.dead``, with routing key ``crawl.task``. The
-quorum kind (``Kind``) has the same exchanges, and quorum queues: a work queue per priority (a
-``Band``: ``orders.quorum.work.9`` ... ``.0``, keys ``order.created.9`` ... ``.0``), and
+``crawls.work``, ``crawls.retry.<delay>`` and ``crawls.dead``, with routing key ``crawl.task``; so
+has the webhooks' (``webhooks.work``, routing key ``webhook.delivery``), whose work is never
+prioritised: one work queue on either kind (``webhooks.quorum.work``). The quorum kind (``Kind``)
+has the same exchanges, and quorum queues: a work queue per priority (a ``Band``:
+``orders.quorum.work.9`` ... ``.0``, keys ``order.created.9`` ... ``.0``), and
 ``orders.quorum.retry.<delay>`` and ``orders.quorum.dead`` (docs/messages.md, *Queue kinds*).
 
 ``python -m shared.setup`` declares one kind's topology as the operator; each service then calls
@@ -37,7 +39,7 @@ from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from shared.errors import Misconfigured
-from shared.messages import CRAWL_MESSAGE_TYPE, DEFAULT_PRIORITY, MAX_PRIORITY
+from shared.messages import CRAWL_MESSAGE_TYPE, DEFAULT_PRIORITY, MAX_PRIORITY, WEBHOOK_MESSAGE_TYPE
 from shared.messages import MESSAGE_TYPE as ORDER_MESSAGE_TYPE
 
 
@@ -166,8 +168,9 @@ _QUORUM = {
 }
 
 
-def lane(name: str, routing_key: str, kind: Kind) -> Lane:
-    """The queues and exchanges of a lane called ``name`` (``orders``: the diagram above)."""
+def lane(name: str, routing_key: str, kind: Kind, prioritised: bool = True) -> Lane:
+    """The queues and exchanges of a lane called ``name`` (``orders``: the diagram above); a lane
+    not ``prioritised`` has one work queue on the quorum kind too, and its messages no priority."""
     exchange = Exchange(name, ExchangeType.DIRECT)
     dead = Exchange(f"{name}.dead", ExchangeType.FANOUT)
     retry = Exchange(f"{name}.retry", ExchangeType.DIRECT)
@@ -176,7 +179,7 @@ def lane(name: str, routing_key: str, kind: Kind) -> Lane:
             f"{name}.work",
             {
                 "x-queue-type": "classic",
-                "x-max-priority": MAX_PRIORITY,
+                **({"x-max-priority": MAX_PRIORITY} if prioritised else {}),
                 # Safety net: anything rejected without requeue lands in the DLQ, never in the void.
                 "x-dead-letter-exchange": dead.name,
             },
@@ -205,21 +208,26 @@ def lane(name: str, routing_key: str, kind: Kind) -> Lane:
         )
     # Quorum queues have no strict priorities before RabbitMQ 4.3: a queue per priority, and
     # consumers that take the highest band first (docs/messages.md).
-    bands = tuple(
-        Band(
-            Queue(
-                f"{name}.quorum.work.{p}",
-                {
-                    **_QUORUM,
-                    "x-dead-letter-exchange": dead.name,
-                    "x-delivery-limit": DELIVERY_LIMIT,
-                },
-            ),
-            f"{routing_key}.{p}",
-            range(p, p + 1),
+    work_arguments = {
+        **_QUORUM,
+        "x-dead-letter-exchange": dead.name,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+    if prioritised:
+        bands = tuple(
+            Band(
+                Queue(f"{name}.quorum.work.{p}", work_arguments),
+                f"{routing_key}.{p}",
+                range(p, p + 1),
+            )
+            for p in range(MAX_PRIORITY, -1, -1)
         )
-        for p in range(MAX_PRIORITY, -1, -1)
-    )
+    else:
+        bands = (
+            Band(
+                Queue(f"{name}.quorum.work", work_arguments), routing_key, range(MAX_PRIORITY + 1)
+            ),
+        )
     # No dead-letter routing key: an expired retry goes back with the keys it was published
     # with, and the worker publishes it with its band's in ``CC`` (``messages.forward``).
     retry_queues = tuple(
@@ -241,13 +249,14 @@ class Topology:
     kind: Kind
     orders: Lane
     crawls: Lane
+    webhooks: Lane
 
     @property
     def lanes(self) -> tuple[Lane, ...]:
-        return (self.orders, self.crawls)
+        return (self.orders, self.crawls, self.webhooks)
 
     def lane(self, name: str) -> Lane:
-        """The lane called ``name`` (its exchange's name): ``orders`` or ``crawls``."""
+        """The lane called ``name`` (its exchange's name): ``orders``, ``crawls``, ``webhooks``."""
         return next(ln for ln in self.lanes if ln.exchange.name == name)
 
     @property
@@ -265,7 +274,10 @@ class Topology:
 
 def _topology(kind: Kind) -> Topology:
     return Topology(
-        kind, lane("orders", ORDER_MESSAGE_TYPE, kind), lane("crawls", CRAWL_MESSAGE_TYPE, kind)
+        kind,
+        lane("orders", ORDER_MESSAGE_TYPE, kind),
+        lane("crawls", CRAWL_MESSAGE_TYPE, kind),
+        lane("webhooks", WEBHOOK_MESSAGE_TYPE, kind, prioritised=False),
     )
 
 

@@ -1,10 +1,12 @@
-"""URLs a crawl may visit: normalisation, and the address policy against server-side forgery.
+"""URLs a crawl may visit or a webhook be sent to: normalisation, and the address policy against
+server-side forgery.
 
-A crawler fetches URLs that strangers write, so by default it refuses any host that resolves to
-a private, loopback, link-local or otherwise non-public address. The check runs on the resolved
-addresses (a public name pointing at 10.0.0.1 is refused too), at submission and again at every
-connection the consumer makes (redirect targets are pages of their own, checked the same way).
-Hosts named in CRAWL_ALLOWED_PRIVATE_HOSTS are exempt.
+A crawler fetches URLs that strangers write, and a webhook posts to one, so by default both refuse
+any host that resolves to a private, loopback, link-local or otherwise non-public address. The
+check runs on the resolved addresses (a public name pointing at 10.0.0.1 is refused too), at
+submission (or registration) and again at every connection the consumer makes (redirect targets
+are pages of their own, checked the same way; webhooks follow no redirect). Hosts named in
+CRAWL_ALLOWED_PRIVATE_HOSTS (WEBHOOK_ALLOWED_PRIVATE_HOSTS) are exempt.
 """
 
 import asyncio
@@ -19,7 +21,16 @@ _TAB_AND_NEWLINES = str.maketrans("", "", "\t\n\r")
 
 
 class AddressRefused(OSError):
-    """The host is, or resolves to, an address crawls may not reach."""
+    """The host is, or resolves to, an address crawls (or webhooks) may not reach."""
+
+
+class Unusable(ValueError):
+    """A URL a client gave that may not be used: ``problem`` and ``title`` say which way, for
+    the 422 the API answers."""
+
+    def __init__(self, problem: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.problem, self.title = problem, title
 
 
 def normalise(url: str, base: str | None = None) -> str | None:
@@ -81,13 +92,38 @@ async def resolve(host: str, port: int = 0) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def check_addresses(host: str, addresses: list[str], allowed_private: frozenset[str]) -> None:
-    """Raise ``AddressRefused`` unless every address is public or the host is exempt."""
+CRAWLS, WEBHOOKS = "CRAWL_ALLOWED_PRIVATE_HOSTS", "WEBHOOK_ALLOWED_PRIVATE_HOSTS"
+
+
+async def checked(url: str, allowed_private: frozenset[str], setting: str = CRAWLS) -> str:
+    """``url`` normalised, once its host resolves only to addresses it may reach; else
+    ``Unusable`` saying why (not an http(s) URL, no such host, a non-public address)."""
+    normal = normalise(url)
+    if normal is None:
+        raise Unusable(
+            "validation-error", "Invalid URL", "Give an absolute http or https URL with a host."
+        )
+    host = host_of(normal)
+    try:
+        addresses = await resolve(host)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        raise Unusable("unknown-host", "Unknown host", f"{host} does not resolve: {exc}") from None
+    try:
+        check_addresses(host, addresses, allowed_private, setting)
+    except AddressRefused as exc:
+        raise Unusable("address-refused", "Address not allowed", str(exc)) from None
+    return normal
+
+
+def check_addresses(
+    host: str, addresses: list[str], allowed_private: frozenset[str], setting: str = CRAWLS
+) -> None:
+    """Raise ``AddressRefused`` unless every address is public or the host is exempt (named in
+    ``allowed_private``, the value of ``setting``)."""
     if host.lower().strip("[]") in allowed_private:
         return
     refused = [a for a in addresses if not is_public(a)]
     if refused:
         raise AddressRefused(
-            f"{host} resolves to non-public address {refused[0]}; "
-            "add it to CRAWL_ALLOWED_PRIVATE_HOSTS to crawl it"
+            f"{host} resolves to non-public address {refused[0]}; add it to {setting} to reach it"
         )

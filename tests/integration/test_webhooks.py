@@ -14,7 +14,7 @@ import pytest
 from consumer import dlq
 from shared import topology
 from shared.settings import ConsumerSettings
-from testbed.processes import free_port
+from testbed.processes import API_KEY, free_port
 from testbed.receiver import Receiver
 from tests.integration.conftest import (
     ApiFactory,
@@ -27,6 +27,7 @@ from tests.integration.conftest import (
 )
 
 LOCAL = {"webhook_allowed_private_hosts": "127.0.0.1"}
+OTHER_KEY = "other-test-key"  # a second caller's (not a secret: tests only)
 
 
 @pytest.fixture
@@ -265,7 +266,7 @@ async def test_redirects_are_not_followed_and_keys_see_only_their_own_webhooks(
     receiver: Receiver,
     conn: asyncpg.Connection,
 ) -> None:
-    api = await start_api(**LOCAL, api_keys="tests:test-api-key,other:other-key")
+    api = await start_api(**LOCAL, api_keys=f"tests:{API_KEY},other:{OTHER_KEY}")
     endpoint = await _register(api, receiver, "/redirect")
     receiver.secrets["/target"] = receiver.secrets["/redirect"]
     receiver.answer = lambda path, _id: 307 if path == "/redirect" else 200
@@ -278,7 +279,7 @@ async def test_redirects_are_not_followed_and_keys_see_only_their_own_webhooks(
     assert failed["last_status"] == 307
     assert [r.path for r in receiver.received] == ["/redirect"]  # /target never asked
 
-    other = {"X-API-Key": "other-key"}
+    other = {"X-API-Key": OTHER_KEY}
     assert (await api.get("/webhooks", headers=other)).json() == []
     assert (await api.get(f"/webhooks/{endpoint}", headers=other)).status_code == 404
     assert (await api.delete(f"/webhooks/{endpoint}", headers=other)).status_code == 404

@@ -44,7 +44,8 @@ CALLBACK = "callback"  # the endpoint label of deliveries to an order's callback
 DELIVERY = """
     SELECT d.id, d.url, d.payload, d.status, d.endpoint_id,
            coalesce(e.secret, c.secret) AS secret,
-           (e.disabled_at IS NOT NULL OR e.deleted_at IS NOT NULL) AS endpoint_off
+           (e.disabled_at IS NOT NULL OR e.deleted_at IS NOT NULL) AS endpoint_off,
+           e.failing_since IS NOT NULL AS endpoint_failing
       FROM webhook_deliveries d
       LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id
       LEFT JOIN callback_secrets c ON d.endpoint_id IS NULL AND c.api_key = d.api_key
@@ -219,7 +220,7 @@ class WebhookHandler:
         if answer.delivered:
             self.endpoints.attempts.labels(endpoint, "delivered").inc()
             await self._settle(row, DeliveryStatus.DELIVERED, attempt, answer)
-            if row["endpoint_id"] is not None:
+            if row["endpoint_failing"]:  # no write while it succeeds
                 await self.pool.execute(SUCCEEDED, row["endpoint_id"])
             return "delivered"
         if answer.status == 410 and row["endpoint_id"] is not None:

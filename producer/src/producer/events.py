@@ -49,6 +49,9 @@ BEFORE = "tx < $3::bigint::text::xid8"
 READ_BATCH = 1_000
 QUEUED = 1_000  # events waiting for one slow stream; past that it ends, and the client resumes
 TOKEN_SECONDS = 600
+# After a notification the hub waits this long before reading: the notifications of that time
+# share one read (at most 50 reads a second, however many transactions write events).
+GATHER_SECONDS = 0.02
 
 Position = tuple[int, int]  # (tx, id)
 
@@ -210,8 +213,9 @@ class Hub:
                 return
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Listen, and read on each notification (and every second, for events whose
-        transaction ended after an older one's notification), until ``stopping``."""
+        """Listen, and read after each notification (those of ``GATHER_SECONDS`` together), and
+        every second (for events whose transaction ended after an older one's notification),
+        until ``stopping``."""
         while not stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
@@ -220,6 +224,7 @@ class Hub:
                 while not conn.is_closed() and not stopping.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.woken.wait(), 1)
+                        await asyncio.sleep(GATHER_SECONDS)
                     self.woken.clear()
                     if self.position is not None:
                         await self.read()

@@ -33,7 +33,7 @@ def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -
     assert result.returncode == 0, result.stdout + result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     figures = [line.split(" | ")[0] for line in table[1:]]
-    assert len(figures) == 38, result.stdout
+    assert len(figures) == 39, result.stdout
     for figure in (
         "submit, c=16",
         "batch submit",

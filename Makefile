@@ -9,7 +9,7 @@ N ?= 5
 CONSUMERS ?= 2
 KIND ?= classic
 
-.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench bench-kinds bench-cluster bench-ha lint fmt typecheck clean
+.PHONY: help up secrets down logs ps scale dev smoke sync test faults bench bench-kinds bench-cluster bench-ha bench-peers lint fmt typecheck clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ faults: sync ## Every fault scenario at full length on nodes of its own (RabbitM
 bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 min); prints the table
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(UV) run python -m bench
+
+bench-peers: sync ## Celery, Dramatiq, taskiq and FastStream beside ours on the same broker and database (the peers in a venv of their own), 3 runs; prints the table
+	$(UV) run python -m bench.peers
 
 bench-kinds: sync ## make bench on a RabbitMQ 4 node of its own, a table for each queue kind (15-25 min)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }

@@ -275,7 +275,7 @@ def _root_uids(*users: str) -> frozenset[int]:
 _DATABASE_USERS = ("postgres", "etcd")  # in the root: PostgreSQL and Patroni, etcd (make bench-ha)
 
 
-def _broker() -> list[int]:
+def broker_pids() -> list[int]:
     """The broker's processes: the machine's own ``rabbitmq`` user's, or those running in the
     root but the database's."""
     theirs = _root_uids(*_DATABASE_USERS)
@@ -284,7 +284,7 @@ def _broker() -> list[int]:
     ]
 
 
-def _database() -> list[int]:
+def database_pids() -> list[int]:
     """The database's processes: the machine's own ``postgres`` user's, and a failover cluster's
     in the root (PostgreSQL, Patroni, etcd)."""
     theirs = _root_uids(*_DATABASE_USERS)
@@ -394,8 +394,8 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
     watch = Watch(
         {
             **bench.producer_pids(producer),
-            "broker": _broker,
-            "database": _database,
+            "broker": broker_pids,
+            "database": database_pids,
         }
     )
     try:
@@ -486,8 +486,8 @@ async def _drain(bench: Bench, consumers: int, backlog: int) -> dict[str, float]
     watch = Watch(
         {
             "consumer": lambda: [s.pid for s in bench.services],
-            "broker": _broker,
-            "database": _database,
+            "broker": broker_pids,
+            "database": database_pids,
         }
     )
     with watch.running():
@@ -554,8 +554,8 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
             {
                 **bench.producer_pids(producer),
                 "consumers": lambda: [s.pid for s in workers],
-                "broker": _broker,
-                "database": _database,
+                "broker": broker_pids,
+                "database": database_pids,
                 # this process: the paced load, the stream's reader, the webhook receiver
                 "client": lambda: [os.getpid()],
             }
@@ -924,7 +924,7 @@ def _versions() -> str:
     )
 
 
-def _prepare(amqp_url: str, database_url: str) -> None:
+def prepare(amqp_url: str, database_url: str) -> None:
     """Create the benchmark's vhost and database when they are local and missing."""
     first = URL(hosts.each(amqp_url)[0])  # a cluster's nodes share the vhost and the user
     vhost = first.path.lstrip("/")
@@ -961,7 +961,7 @@ async def round_sizes(amqp_url: str) -> list[str]:
     rounds grow with the orders committed while one waits for its confirms)."""
     lines = ["| round | messages/s | broker CPU per message |", "|---|---|---|"]
     for size in (1, 4, 16, 64, 256):
-        watch = Watch({"broker": _broker})
+        watch = Watch({"broker": broker_pids})
         with watch.running():
             rate = await baselines.publish_rounds(amqp_url, size, 1_024 if size < 16 else 8_192)
         lines.append(f"| {size} | {rate:,.0f} | {watch.cpu['broker'] / rate * 1e6:,.0f} µs |")
@@ -1029,7 +1029,7 @@ def _run(args: argparse.Namespace) -> int:
         "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "128"),
         "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
     }
-    _prepare(amqp_url, database_url)
+    prepare(amqp_url, database_url)
     if args.rounds:
         print("\n".join(uvloop.run(round_sizes(amqp_url))))
         return 0

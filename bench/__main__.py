@@ -341,28 +341,16 @@ class Watch:
 # --- the phases ---------------------------------------------------------------------------------
 
 
+def server_args(port: int, app: str = "bench.bare_app:app") -> tuple[str, ...]:
+    """uvicorn's arguments for (a), as the producer's server is run."""
+    return (app, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
+            "--http", "httptools", "--no-access-log", "--log-level", "warning")  # fmt: skip
+
+
 async def bare_fastapi(bench: Bench, connections: int) -> dict[str, float]:
     """Baseline (a): the same server settings as the producer, no I/O."""
     port = free_port()
-    server = Service(
-        "uvicorn",
-        "bench-bare-fastapi",
-        bench.env(),
-        args=(
-            "bench.bare_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ),
-    )
+    server = Service("uvicorn", "bench-bare-fastapi", bench.env(), args=server_args(port))
     watch = Watch({"server": lambda: [server.pid]})
     try:
         async with httpx.AsyncClient() as client:
@@ -370,12 +358,12 @@ async def bare_fastapi(bench: Bench, connections: int) -> dict[str, float]:
         with watch.running():
             url = f"http://127.0.0.1:{port}/orders"
             result = await load.wrk(url, connections, bench.size.seconds)
-        return {**result, **_per_order(watch, result["rate"])}
+        return {**result, **per_order(watch, result["rate"])}
     finally:
         server.kill()
 
 
-def _per_order(watch: "Watch", rate: float) -> dict[str, float]:
+def per_order(watch: "Watch", rate: float) -> dict[str, float]:
     """CPU time per order of each watched group (``us_<group>``), at ``rate`` orders/s."""
     return {f"us_{group}": cores / max(rate, 1e-9) * 1e6 for group, cores in watch.cpu.items()}
 
@@ -403,7 +391,7 @@ async def submit(bench: Bench, connections: int) -> dict[str, float]:
             result = await load.wrk(f"{producer.base_url}/orders", connections, bench.size.seconds)
         result["producer_rss_mb"] = watch.peak_rss["producer"] / 2**20
         result["relay_rss_mb"] = watch.peak_rss["relay"] / 2**20
-        return {**result, **_per_order(watch, result["rate"])}
+        return {**result, **per_order(watch, result["rate"])}
     finally:
         await bench.stop_all()
 
@@ -581,9 +569,9 @@ async def end_to_end(bench: Bench) -> dict[str, float]:
         return {
             "rate": sustained,
             "half_rate": rate,
-            **_percentiles(waits),
-            **{f"sse_{k}": v for k, v in _percentiles(told).items()},
-            **{f"webhook_{k}": v for k, v in _percentiles(sent).items()},
+            **percentiles(waits),
+            **{f"sse_{k}": v for k, v in percentiles(told).items()},
+            **{f"webhook_{k}": v for k, v in percentiles(sent).items()},
             # CPU time per order at half load, by process group
             **{f"us_{g}": c * watch.wall / max(len(bodies), 1) * 1e6 for g, c in watch.cpu.items()},
         }
@@ -632,7 +620,7 @@ async def _settled(bench: Bench) -> bool:
     )
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(float(v) for v in values)
     if not ordered:
         return {"p50_ms": float("nan"), "p99_ms": float("nan")}
@@ -665,8 +653,8 @@ async def priority(bench: Bench) -> dict[str, float]:
             consumers_started,
         )
     await bench.stop_all()
-    urgent = _percentiles([r["wait"] for r in rows if r["priority"] == 9])
-    normal = _percentiles([r["wait"] for r in rows if r["priority"] == 0])
+    urgent = percentiles([r["wait"] for r in rows if r["priority"] == 9])
+    normal = percentiles([r["wait"] for r in rows if r["priority"] == 0])
     return {
         "p9_p50_ms": urgent["p50_ms"],
         "p9_p99_ms": urgent["p99_ms"],

@@ -1,12 +1,12 @@
 """Celery 5.5 as its guide sets it up for work that must not be lost: ``acks_late``, publisher
-confirms, persistent messages, a priority queue; the worker's solo pool."""
+confirms, persistent messages, a priority queue."""
 
-import time
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
-from bench.peers.common import AMQP_URL, apply_effect
+from bench.peers.common import AMQP_URL, apply_effect, record
 
 QUEUE = "peers.celery"
 app = Celery("peers", broker=AMQP_URL)
@@ -27,7 +27,7 @@ app.conf.update(
 
 
 @app.task(name="noop")
-def noop(n: int) -> None:
+def noop(n: Any) -> None:
     return None
 
 
@@ -36,28 +36,24 @@ def effect(n: int) -> None:
     apply_effect(n)
 
 
-def enqueue(count: int, task: str, priority: int = 0) -> float:
-    """``count`` tasks sent one after another (each confirmed); tasks per second."""
-    chosen = noop if task == "noop" else effect
-    started = time.perf_counter()
-    with app.producer_or_acquire() as producer:
-        for n in range(count):
-            chosen.apply_async((n,), priority=priority, producer=producer)
-    return count / (time.perf_counter() - started)
+@app.task(name="timed")
+def timed(n: int, sent: float, priority: int) -> None:
+    apply_effect(n)
+    record(sent, priority)
 
 
-WORKER = [
-    "celery",
-    "-A",
-    "bench.peers.celery_peer",
-    "worker",
-    "-P",
-    "solo",
-    "-Q",
-    QUEUE,
-    "--without-gossip",
-    "--without-mingle",
-    "--without-heartbeat",
-    "--loglevel",
-    "WARNING",
-]
+TASKS = {"noop": noop, "effect": effect, "timed": timed}
+
+
+def send(task: str, args: tuple[Any, ...], priority: int) -> None:
+    """One task, sent and confirmed (a producer from Celery's pool)."""
+    TASKS[task].apply_async(args, priority=priority)
+
+
+def worker(processes: int) -> list[str]:
+    """The solo pool (one task at a time) in one process; the prefork pool for more."""
+    pool = ["-P", "solo"] if processes == 1 else ["-P", "prefork", "-c", str(processes)]
+    return [
+        "celery", "-A", "bench.peers.celery_peer", "worker", *pool, "-Q", QUEUE,
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
+    ]  # fmt: skip

@@ -1,12 +1,18 @@
-"""What every peer shares: where the broker and the database are, and the task's effect."""
+"""What every peer shares: where the broker and the database are, the tasks' arguments, the
+task's effect, and the priority phase's record of when each task was done."""
 
 import os
 import threading
+import time
 from typing import Any
 
 AMQP_URL = os.environ.get("PEERS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/orders_bench")
 DATABASE_URL = os.environ.get("PEERS_DATABASE_URL", "postgresql://postgres@127.0.0.1/orders_bench")
 SKUS = 100
+
+# The tasks every peer defines: ``noop(n)``, ``effect(n)`` and ``timed(n, sent, priority)`` (the
+# effect, then its wait recorded). The web endpoint sends ``noop`` with the order as ``n``.
+TASKS = ("noop", "effect", "timed")
 
 # The same effect as an order's, reduced to its core: one stock row locked and updated, in a
 # transaction committed before the message is acked (the bench's inventory rows, SKU-0..99).
@@ -15,12 +21,18 @@ EFFECT = (
 )
 
 
+def arguments(task: str, n: int, priority: int) -> tuple[Any, ...]:
+    """A task's arguments: ``timed`` carries when it was sent and at which priority."""
+    return (n, time.time(), priority) if task == "timed" else (n,)
+
+
 def sku(n: int) -> str:
     return f"SKU-{n % SKUS}"
 
 
 _local = threading.local()
 _pool: Any = None
+_waits: int | None = None
 
 
 def apply_effect(n: int) -> None:
@@ -43,3 +55,11 @@ async def apply_effect_async(n: int) -> None:
         _pool = await asyncpg.create_pool(DATABASE_URL, min_size=1, max_size=8)
     async with _pool.acquire() as conn, conn.transaction():
         await conn.execute(EFFECT.format("$1"), sku(n))
+
+
+def record(sent: float, priority: int) -> None:
+    """Append ``priority sent done`` to ``PEERS_WAITS``: one write, whole, from any process."""
+    global _waits
+    if _waits is None:
+        _waits = os.open(os.environ["PEERS_WAITS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(_waits, f"{priority} {sent} {time.time()}\n".encode())

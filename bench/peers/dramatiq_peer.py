@@ -1,12 +1,11 @@
-"""Dramatiq with its RabbitMQ broker, publisher confirms on, a priority queue; its worker's two
-processes of eight threads."""
+"""Dramatiq with its RabbitMQ broker, publisher confirms on, a priority queue."""
 
-import time
+from typing import Any
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from bench.peers.common import AMQP_URL, apply_effect
+from bench.peers.common import AMQP_URL, apply_effect, record
 
 QUEUE = "peers_dramatiq"
 broker = RabbitmqBroker(url=AMQP_URL, confirm_delivery=True, max_priority=9)
@@ -14,7 +13,7 @@ dramatiq.set_broker(broker)
 
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=0)
-def noop(n: int) -> None:
+def noop(n: Any) -> None:
     return None
 
 
@@ -23,13 +22,22 @@ def effect(n: int) -> None:
     apply_effect(n)
 
 
-def enqueue(count: int, task: str, priority: int = 0) -> float:
-    """``count`` tasks sent one after another (each confirmed); tasks per second."""
-    chosen = noop if task == "noop" else effect
-    started = time.perf_counter()
-    for n in range(count):
-        chosen.send_with_options(args=(n,), broker_priority=priority)
-    return count / (time.perf_counter() - started)
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def timed(n: int, sent: float, priority: int) -> None:
+    apply_effect(n)
+    record(sent, priority)
 
 
-WORKER = ["dramatiq", "bench.peers.dramatiq_peer", "--processes", "2", "--threads", "8"]
+TASKS = {"noop": noop, "effect": effect, "timed": timed}
+
+
+def send(task: str, args: tuple[Any, ...], priority: int) -> None:
+    """One task, sent and confirmed (a channel per thread, Dramatiq's own)."""
+    TASKS[task].send_with_options(args=args, broker_priority=priority)
+
+
+def worker(processes: int) -> list[str]:
+    """Eight threads a process, Dramatiq's default."""
+    return [
+        "dramatiq", "bench.peers.dramatiq_peer", "--processes", str(processes), "--threads", "8"
+    ]  # fmt: skip

@@ -1,13 +1,12 @@
-"""FastStream with RabbitMQ: persistent messages, publisher confirms, a priority queue; one
-worker process."""
+"""FastStream with RabbitMQ: persistent messages, publisher confirms, a priority queue. A message
+is ``{"task": ..., "args": [...]}``."""
 
-import asyncio
-import time
+from typing import Any
 
 from faststream import FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
-from bench.peers.common import AMQP_URL, apply_effect_async
+from bench.peers.common import AMQP_URL, apply_effect_async, record
 
 QUEUE = "peers.faststream"
 # Publisher confirms on (the channel's default); 64 deliveries held at once, as taskiq's qos.
@@ -19,28 +18,27 @@ app = FastStream(broker)
 
 
 @broker.subscriber(queue)
-async def handle(body: dict[str, object]) -> None:
-    if body["task"] == "effect":
-        await apply_effect_async(int(body["n"]))  # type: ignore[call-overload]
+async def handle(body: dict[str, Any]) -> None:
+    if body["task"] != "noop":
+        await apply_effect_async(body["args"][0])
+    if body["task"] == "timed":
+        record(*body["args"][1:])
 
 
-async def _enqueue(count: int, task: str, priority: int) -> float:
-    async with broker:
-        await broker.declare_queue(queue)
-        slots = asyncio.Semaphore(1_000)  # in flight at once
-
-        async def one(n: int) -> None:
-            async with slots:
-                await broker.publish({"task": task, "n": n}, queue, persist=True, priority=priority)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(n) for n in range(count)))
-        return count / (time.perf_counter() - started)
+async def start() -> None:
+    """Connected, to publish: its subscriber is not started."""
+    await broker.connect()
+    await broker.declare_queue(queue)
 
 
-def enqueue(count: int, task: str, priority: int = 0) -> float:
-    """``count`` tasks, 1,000 in flight; tasks per second."""
-    return asyncio.run(_enqueue(count, task, priority))
+async def stop() -> None:
+    await broker.stop()
 
 
-WORKER = ["faststream", "run", "bench.peers.faststream_peer:app", "--workers", "1"]
+async def send(task: str, args: tuple[Any, ...], priority: int) -> None:
+    """One task, sent and confirmed."""
+    await broker.publish({"task": task, "args": args}, queue, persist=True, priority=priority)
+
+
+def worker(processes: int) -> list[str]:
+    return ["faststream", "run", "bench.peers.faststream_peer:app", "--workers", str(processes)]

@@ -1,13 +1,11 @@
-"""taskiq with taskiq-aio-pika: persistent messages on a confirmed channel, a priority queue;
-its worker's two processes."""
+"""taskiq with taskiq-aio-pika: persistent messages on a confirmed channel, a priority queue."""
 
-import asyncio
-import time
+from typing import Any
 
 from taskiq_aio_pika import AioPikaBroker
 from taskiq_aio_pika.queue import Queue, QueueType
 
-from bench.peers.common import AMQP_URL, apply_effect_async
+from bench.peers.common import AMQP_URL, apply_effect_async, record
 
 QUEUE = "peers.taskiq"
 broker = AioPikaBroker(
@@ -16,7 +14,7 @@ broker = AioPikaBroker(
 
 
 @broker.task(task_name="noop")
-async def noop(n: int) -> None:
+async def noop(n: Any) -> None:
     return None
 
 
@@ -25,25 +23,27 @@ async def effect(n: int) -> None:
     await apply_effect_async(n)
 
 
-async def _enqueue(count: int, task: str, priority: int) -> float:
-    chosen = noop if task == "noop" else effect
+@broker.task(task_name="timed")
+async def timed(n: int, sent: float, priority: int) -> None:
+    await apply_effect_async(n)
+    record(sent, priority)
+
+
+TASKS = {"noop": noop, "effect": effect, "timed": timed}
+
+
+async def start() -> None:
     await broker.startup()
-    slots = asyncio.Semaphore(1_000)  # in flight at once
 
-    async def one(n: int) -> None:
-        async with slots:
-            await chosen.kicker().with_labels(priority=priority).kiq(n)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one(n) for n in range(count)))
-    rate = count / (time.perf_counter() - started)
+async def stop() -> None:
     await broker.shutdown()
-    return rate
 
 
-def enqueue(count: int, task: str, priority: int = 0) -> float:
-    """``count`` tasks, 1,000 in flight; tasks per second."""
-    return asyncio.run(_enqueue(count, task, priority))
+async def send(task: str, args: tuple[Any, ...], priority: int) -> None:
+    """One task, sent and confirmed."""
+    await TASKS[task].kicker().with_labels(priority=priority).kiq(*args)
 
 
-WORKER = ["taskiq", "worker", "bench.peers.taskiq_peer:broker", "--workers", "2"]
+def worker(processes: int) -> list[str]:
+    return ["taskiq", "worker", "bench.peers.taskiq_peer:broker", "--workers", str(processes)]

@@ -1,35 +1,16 @@
 """The benchmark harness, run tiny so it cannot rot: every phase runs and the table prints."""
 
 import asyncio
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import aio_pika
 import pytest
-from yarl import URL
 
 from bench import baselines
+from tests.bench.conftest import Smoke
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_bench_smoke_prints_every_figure(rabbitmq_url: str, database_url: str) -> None:
-    env = {
-        **os.environ,
-        "BENCH_RABBITMQ_URL": str(URL(rabbitmq_url).with_path("/orders_bench_smoke")),
-        "BENCH_DATABASE_URL": str(URL(database_url).with_path("/orders_bench_smoke")),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def test_bench_smoke_prints_every_figure(smoke: Smoke) -> None:
+    result = smoke("bench")
     assert result.returncode == 0, result.stdout + result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     figures = [line.split(" | ")[0] for line in table[1:]]

@@ -367,9 +367,11 @@ def phases(peers: Peers, bench: Bench) -> dict[str, Phase]:
     return found
 
 
-async def measure(peers: Peers, bench: Bench, runs: int) -> list[str]:
+async def measure(peers: Peers, bench: Bench, runs: int, only: tuple[str, ...] = ()) -> list[str]:
     """Every phase ``runs`` times, interleaved; the tables, or when profiling the profiles."""
     found = phases(peers, bench)
+    if only:
+        found = {name: phase for name, phase in found.items() if name.startswith(only)}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in found}
     for run in range(runs):
         for name, phase in found.items():
@@ -420,8 +422,8 @@ def table(results: dict[str, list[dict[str, float]]]) -> list[str]:
         )
         kind = name.split(" ", 1)[1]
         ratio = target = met = ""
-        if kind in AGAINST and not name.startswith("ours"):
-            ours, need = AGAINST[kind]
+        ours, need = AGAINST.get(kind, ("", None))
+        if ours in rate and not name.startswith("ours"):
             ratio = f"{rate[ours] / rate[name]:.2f}x"
             if need:
                 target = f"≥ {need}x"
@@ -459,6 +461,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny counts, one run: it works")
     parser.add_argument("--profile", action="store_true", help="one pass, py-spy on each peer")
+    parser.add_argument("--only", help="the figures whose names start so, separated by commas")
     args = parser.parse_args()
     python = ensure_venv()
     amqp_url = os.environ.get(
@@ -473,7 +476,8 @@ def main() -> int:
     bench = Bench(amqp_url, database_url, size, consumer_env)
     peers = Peers(python, amqp_url, database_url, size, args.profile)
     runs = 1 if args.smoke or args.profile else args.runs
-    print("\n".join(uvloop.run(measure(peers, bench, runs))))
+    only = tuple(args.only.split(",")) if args.only else ()
+    print("\n".join(uvloop.run(measure(peers, bench, runs, only))))
     return 0
 
 

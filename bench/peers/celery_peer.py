@@ -19,7 +19,9 @@ app.conf.update(
     task_default_delivery_mode="persistent",
     broker_transport_options={"confirm_publish": True},
     broker_connection_retry_on_startup=True,
-    worker_prefetch_multiplier=4,
+    # Its default, 4, stalled the drain with the effect at 94.5 tasks/s, the worker idle
+    # waiting for deliveries (docs/performance.md); 16 keeps it fed.
+    worker_prefetch_multiplier=16,
     # Its remote control's queues are transient and not exclusive, which RabbitMQ 4 refuses.
     worker_enable_remote_control=False,
     worker_hijack_root_logger=False,
@@ -51,7 +53,9 @@ def send(task: str, args: tuple[Any, ...], priority: int) -> None:
 
 
 def worker(processes: int) -> list[str]:
-    """The solo pool (one task at a time) in one process; the prefork pool for more."""
+    """One process: the solo pool, a task at a time (its thread pool, eight threads, drained a
+    no-op backlog at about 120 tasks/s here, its CPU idle: docs/performance.md). More: the
+    prefork pool."""
     pool = ["-P", "solo"] if processes == 1 else ["-P", "prefork", "-c", str(processes)]
     return [
         "celery", "-A", "bench.peers.celery_peer", "worker", *pool, "-Q", QUEUE,

@@ -354,7 +354,7 @@ async def bare_fastapi(bench: Bench, connections: int) -> dict[str, float]:
     watch = Watch({"server": lambda: [server.pid]})
     try:
         async with httpx.AsyncClient() as client:
-            await bench.until(lambda: _up(client, f"http://127.0.0.1:{port}/docs"), 30)
+            await bench.until(lambda: up(client, f"http://127.0.0.1:{port}/docs"), 30)
         with watch.running():
             url = f"http://127.0.0.1:{port}/orders"
             result = await load.wrk(url, connections, bench.size.seconds)
@@ -368,7 +368,8 @@ def per_order(watch: "Watch", rate: float) -> dict[str, float]:
     return {f"us_{group}": cores / max(rate, 1e-9) * 1e6 for group, cores in watch.cpu.items()}
 
 
-async def _up(client: httpx.AsyncClient, url: str) -> bool:
+async def up(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether ``url`` answers 200."""
     try:
         return (await client.get(url)).status_code == 200
     except httpx.HTTPError:

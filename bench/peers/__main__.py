@@ -61,6 +61,7 @@ from bench.__main__ import (
     priority,
     server_args,
     submit,
+    up,
 )
 from bench.__main__ import batch_submit as our_batch
 from testbed.processes import free_port
@@ -214,7 +215,7 @@ class Peers:
         try:
             async with httpx.AsyncClient() as client:
                 deadline = time.monotonic() + 60
-                while not await _up(client, f"http://127.0.0.1:{port}/docs"):
+                while not await up(client, f"http://127.0.0.1:{port}/docs"):
                     if server.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"{peer} web app did not start")
                     await asyncio.sleep(0.1)
@@ -300,13 +301,6 @@ def innermost_libraries(raw: str) -> dict[str, float]:
         counts[library] += int(count)
     total = sum(counts.values()) or 1
     return {library: n / total for library, n in counts.most_common()}
-
-
-async def _up(client: httpx.AsyncClient, url: str) -> bool:
-    try:
-        return (await client.get(url)).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _tree(pid: int) -> list[int]:

@@ -10,10 +10,6 @@ AMQP_URL = os.environ.get("PEERS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/o
 DATABASE_URL = os.environ.get("PEERS_DATABASE_URL", "postgresql://postgres@127.0.0.1/orders_bench")
 SKUS = 100
 
-# The tasks every peer defines: ``noop(n)``, ``effect(n)`` and ``timed(n, sent, priority)`` (the
-# effect, then its wait recorded). The web endpoint sends ``noop`` with the order as ``n``.
-TASKS = ("noop", "effect", "timed")
-
 # The same effect as an order's, reduced to its core: one stock row locked and updated, in a
 # transaction committed before the message is acked (the bench's inventory rows, SKU-0..99).
 EFFECT = (
@@ -22,7 +18,9 @@ EFFECT = (
 
 
 def arguments(task: str, n: int, priority: int) -> tuple[Any, ...]:
-    """A task's arguments: ``timed`` carries when it was sent and at which priority."""
+    """A task's arguments. Every peer defines ``noop(n)``, ``effect(n)`` and ``timed(n, sent,
+    priority)`` (the effect, then its wait recorded); the web endpoint sends ``noop`` with the
+    order as ``n``."""
     return (n, time.time(), priority) if task == "timed" else (n,)
 
 

@@ -10,14 +10,22 @@ from pathlib import Path
 
 
 async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
-    """Run a command; its output, or an error naming the command."""
+    """Run a command; its output, or an error naming the command. One that times out is killed
+    with whatever it started (its session) and reaped, so that nothing holds its output open."""
     process = await asyncio.create_subprocess_exec(
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         out, _ = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.communicate(), 10)
         raise RuntimeError(f"{' '.join(args)} timed out after {timeout}s") from None
     text = out.decode(errors="replace")
     if process.returncode != 0:

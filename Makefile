@@ -56,7 +56,7 @@ sync: $(UV) ## Install the workspace and dev tools into .venv
 	$(UV) sync --frozen
 
 test: sync ## Run every test against RABBITMQ_URL / DATABASE_URL (or testcontainers)
-	$(UV) run pytest -n auto --maxprocesses 4 --dist loadgroup  # groups: tests/conftest.py
+	$(UV) run pytest -n auto --maxprocesses 4  # grouped by what they share: tests/xdist_private.py
 
 faults: sync ## Every fault scenario at full length on nodes of its own (RabbitMQ 4 with RABBITMQ4_ROOT; KIND=quorum for quorum queues); prints the table
 	$(UV) run python -m tests.faults --kind $(KIND)

@@ -3,24 +3,22 @@
 ``RABBITMQ_URL`` / ``DATABASE_URL`` name running services (``.ci/run`` sets them); without them,
 testcontainers starts both. With neither, the session fails: integration tests never skip.
 
-``make test`` runs two pytest-xdist workers with ``--dist loadgroup``. Tests that share the one
-vhost and database (the integration and unit tests) stay on one worker, in order; the fault
-suite (nodes of its own), the deploy tests (a Docker engine of their own) and the benchmarks'
-smoke forms (vhosts and databases of their own) are groups apart, run beside them.
+``make test`` runs the tests on pytest-xdist's workers, grouped by what they share
+(``tests/xdist_private.py``).
 """
 
 import os
 from collections.abc import Iterator
 
 import pytest
+from xdist.remote import Producer
 
-APART = ("tests/faults/", "tests/deploy/test_stack.py", "tests/bench/")
+from tests.xdist_private import ByGroup
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        group = next((part for part in APART if item.nodeid.startswith(part)), "shared")
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> ByGroup:
+    return ByGroup(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,18 @@ def test_bench_peers_smoke_prints_every_figure(smoke: Smoke) -> None:
             assert float(cells[1].split(" ")[0].replace(",", "")) > 0, cells
             assert cells[3].endswith("x"), cells  # ours ÷ it
             assert cells[5].strip(" |") in ("yes", "**no**"), cells
+        two = rows[f"{peer} drain no-op, 2 processes"]  # no target: only ours ÷ it
+        assert float(two[1].split(" ")[0].replace(",", "")) > 0, two
+        assert two[3].endswith("x"), two
         waits = rows[f"{peer} priority"]
         assert all(" / " in cell for cell in waits[1:3]), waits
-    for ours in ("POST /orders c=16", "POST /orders c=64", "batch submit", "drain effect"):
+    for ours in (
+        "POST /orders c=16",
+        "POST /orders c=64",
+        "batch submit",
+        "drain effect",
+        "drain effect, 2 consumers",
+    ):
         assert float(rows[f"ours {ours}"][1].split(" ")[0].replace(",", "")) > 0
     assert " / " in rows["ours priority"][1]
     assert "nan" not in result.stdout

@@ -13,12 +13,8 @@ from xdist.scheduler import LoadScopeScheduling
 APART = ("tests/faults/", "tests/deploy/test_stack.py", "tests/bench/")
 
 
-def group(nodeid: str) -> str:
-    return next((part for part in APART if nodeid.startswith(part)), "shared")
-
-
 class ByGroup(LoadScopeScheduling):
     """xdist's ``loadscope``, with a test's group as its scope."""
 
     def _split_scope(self, nodeid: str) -> str:
-        return group(nodeid)
+        return next((part for part in APART if nodeid.startswith(part)), "shared")

@@ -165,7 +165,7 @@ class RabbitCluster:
                 # Not refused here, unlike on scripts/rabbitmq4.sh's other nodes: a paused node
                 # of 4.0.5 that starts again once healed may ask whether transient queues are
                 # used before Mnesia has merged; the question fails, counts as "used", and with
-                # the feature refused its boot fails and it never rejoins (seen in CI).
+                # the feature refused its boot fails and it does not rejoin (seen in CI).
                 "deprecated_features.permit.transient_nonexcl_queues = true\n"
             )
 

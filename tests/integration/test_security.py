@@ -208,6 +208,9 @@ async def test_each_database_role_has_only_its_privileges(
                 " VALUES (gen_random_uuid(), 'completed', 'completed', 1)",
             ),
             (consumer, "SELECT expire_order_events('0 s', 1)"),
+            # An endpoint is enabled again, never pointed elsewhere or its secret read.
+            (producer, "UPDATE webhook_endpoints SET url = 'http://example.com/'"),
+            (producer, "SELECT secret FROM webhook_endpoints"),
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)
@@ -231,6 +234,7 @@ async def test_the_services_work_with_only_their_own_rights(
             database_url=database.urls["producer"],
             demo_catalogue=False,
             crawl_allowed_private_hosts="127.0.0.1",
+            webhook_allowed_private_hosts="127.0.0.1",
             api_keys=f"tests:{API_KEY}",
         )
     )
@@ -264,6 +268,13 @@ async def test_the_services_work_with_only_their_own_rights(
             await wait_until(crawled, 30, "the crawl")
             assert (await api.get(f"/crawls/{crawl}")).json()["fetched"] == 7
             await set_stock(api, **{"PEN-1": 9})
+            hook = (await api.post("/webhooks", json={"url": "http://127.0.0.1:9/"})).json()["id"]
+            await conn.execute(
+                "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = 'test'"
+            )
+            enabled = await api.post(f"/webhooks/{hook}/enable")
+            assert enabled.status_code == 200, enabled.text
+            assert enabled.json()["disabled_at"] is None
     finally:
         stop.set()
         await asyncio.wait_for(worker, 30)

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import httpx
@@ -216,6 +217,21 @@ async def test_a_410_disables_the_endpoint_and_so_does_failing_for_the_set_time(
     await settled(conn, [later])
     assert len(await _deliveries(conn)) == 2
 
+    answers["/gone"] = 200  # its receiver is back: enabled again, it gets the next event
+    enabled = await api.post(f"/webhooks/{gone}/enable")
+    assert enabled.status_code == 200, enabled.text
+    assert {k: enabled.json()[k] for k in ("disabled_at", "disabled_reason", "failing_since")} == (
+        dict.fromkeys(("disabled_at", "disabled_reason", "failing_since"))
+    )
+    assert (await api.get(f"/webhooks/{failing}")).json()["disabled_at"] is not None
+    third = await submit(api, ("W-4", 1))
+    await settled(conn, [third])
+    await wait_until(lambda: _none_pending(conn), 30, "the delivery to the endpoint enabled again")
+    [delivered] = await _deliveries(conn, "delivered")
+    assert delivered["endpoint_id"] == UUID(gone)
+    assert len(await _deliveries(conn)) == 3  # what it missed while disabled is not sent
+    assert sum(r.path == "/gone" for r in receiver.received) == 2
+
 
 async def test_webhook_urls_are_checked_at_registration_and_at_every_delivery(
     start_api: ApiFactory,
@@ -283,7 +299,13 @@ async def test_redirects_are_not_followed_and_keys_see_only_their_own_webhooks(
     assert (await api.get("/webhooks", headers=other)).json() == []
     assert (await api.get(f"/webhooks/{endpoint}", headers=other)).status_code == 404
     assert (await api.delete(f"/webhooks/{endpoint}", headers=other)).status_code == 404
+    assert (await api.post(f"/webhooks/{endpoint}/enable", headers=other)).status_code == 404
+    failing = await api.post(f"/webhooks/{endpoint}/enable")  # not disabled: left as it is
+    assert failing.status_code == 200, failing.text
+    assert failing.json()["disabled_at"] is None
+    assert failing.json()["failing_since"] is not None
     assert (await api.delete(f"/webhooks/{endpoint}")).status_code == 204
+    assert (await api.post(f"/webhooks/{endpoint}/enable")).status_code == 404
     assert (await api.get(f"/webhooks/{endpoint}")).status_code == 404
     assert (await api.get("/webhooks")).json() == []
     no_secret = await api.post(

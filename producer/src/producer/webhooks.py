@@ -168,6 +168,31 @@ async def get_webhook(endpoint_id: UUID, services: ServicesDep, caller: Caller) 
     return EndpointView(**dict(await _endpoint(services.pool, endpoint_id, caller)))
 
 
+@router.post(
+    "/webhooks/{endpoint_id:uuid}/enable",
+    response_model=EndpointView,
+    responses={
+        404: {},
+        422: {"description": "the endpoint's host is unknown now, or has a non-public address"},
+    },
+)
+async def enable_webhook(endpoint_id: UUID, services: ServicesDep, caller: Caller) -> EndpointView:
+    """Send to a disabled endpoint again, from the next event on (what it missed while disabled
+    stays cancelled), with a clean slate: ``failing_since`` is cleared. Its URL is checked again,
+    as at registration. An endpoint that is not disabled is left as it is."""
+    row = await _endpoint(services.pool, endpoint_id, caller)
+    await checked_url(row["url"], services.settings.webhook_allowed_private_hosts)
+    enabled = await services.pool.fetchrow(
+        f"""UPDATE webhook_endpoints
+               SET disabled_at = NULL, disabled_reason = NULL, failing_since = NULL
+             WHERE id = $1 AND api_key = $2 AND deleted_at IS NULL AND disabled_at IS NOT NULL
+         RETURNING {ENDPOINT_COLUMNS}""",
+        endpoint_id,
+        caller,
+    )
+    return EndpointView(**dict(enabled or await _endpoint(services.pool, endpoint_id, caller)))
+
+
 @router.delete("/webhooks/{endpoint_id:uuid}", status_code=204, responses={404: {}})
 async def delete_webhook(endpoint_id: UUID, services: ServicesDep, caller: Caller) -> Response:
     """Stop sending to an endpoint: its pending deliveries are cancelled, its secret forgotten."""

@@ -117,9 +117,11 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "SELECT ON order_events",  # the event streams; the triggers write them
         "EXECUTE ON FUNCTION expire_order_events(interval, integer)",  # the relay's retention
         "EXECUTE ON FUNCTION hold_orders(text[]), hold_crawls(text[])",  # keys found, replicated
-        # A key's endpoints: made, listed and deleted, their secrets written once, never read.
+        # A key's endpoints: made, listed, enabled again and deleted, their secrets written once,
+        # never read.
         "SELECT (id, api_key, url, event_types, created_at, failing_since, disabled_at,"
-        " disabled_reason, deleted_at), INSERT, UPDATE (secret, deleted_at) ON webhook_endpoints",
+        " disabled_reason, deleted_at), INSERT, UPDATE (secret, deleted_at, failing_since,"
+        " disabled_at, disabled_reason) ON webhook_endpoints",
         "SELECT (api_key, created_at), INSERT, UPDATE (secret, created_at) ON callback_secrets",
         "SELECT, UPDATE (unpublished) ON webhook_deliveries",  # the relay's claims
         "SELECT ON schema_version",

@@ -65,7 +65,7 @@ bench: sync ## Throughput and latency against raw baselines, 3 runs each (7-13 m
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(UV) run python -m bench
 
-bench-peers: sync ## Celery, Dramatiq, taskiq and FastStream beside ours on the same broker and database (the peers in a venv of their own): enqueue, web endpoint, drains, priority; 3 runs (30-45 min); prints the tables
+bench-peers: sync ## Celery, Dramatiq, taskiq and FastStream beside ours on the same broker and database (the peers in a venv of their own): enqueue, web endpoint, drains, priority; 3 runs (20-45 min); prints the tables
 	$(UV) run python -m bench.peers
 
 bench-kinds: sync ## make bench on a RabbitMQ 4 node of its own, a table for each queue kind (15-25 min)

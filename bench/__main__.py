@@ -1005,6 +1005,16 @@ _DATABASES = {
 }
 
 
+def consumers_env() -> dict[str, str]:
+    """The consumers' settings in the throughput phases, from BENCH_PREFETCH, BENCH_CONCURRENCY
+    and BENCH_ORDER_WORK_MS."""
+    return {
+        "PREFETCH": os.environ.get("BENCH_PREFETCH", "512"),
+        "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "128"),
+        "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
+    }
+
+
 def _run(args: argparse.Namespace) -> int:
     # The local broker's port, or a local cluster's ports separated by commas.
     ports = os.environ.get("BENCH_RABBITMQ_PORT", "5672").split(",")
@@ -1013,11 +1023,7 @@ def _run(args: argparse.Namespace) -> int:
     database_url = os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/orders_bench"
     )
-    consumer_env = {
-        "PREFETCH": os.environ.get("BENCH_PREFETCH", "512"),
-        "CONCURRENCY": os.environ.get("BENCH_CONCURRENCY", "128"),
-        "ORDER_WORK_MS": os.environ.get("BENCH_ORDER_WORK_MS", "0"),
-    }
+    consumer_env = consumers_env()
     prepare(amqp_url, database_url)
     if args.rounds:
         print("\n".join(uvloop.run(round_sizes(amqp_url))))

@@ -17,11 +17,11 @@ changed):
 - **priority**: urgent tasks (priority 9, 50 a second) posted into a backlog of normal ones,
   with the effect: how long each waited, from when it was sent or the worker started.
 
-And ours in the same run: ``POST /orders`` at both concurrencies, the batch submit, the drain
-with the real effect by one consumer and by two, and the priority phase (``bench``'s phases).
-Each figure is the median of ``--runs`` runs. ``--profile`` instead samples each peer's worker
-in its no-op drain and its web server at 64 connections (py-spy), grouped by the innermost
-library on the stack.
+And ours in the same run: ``POST /orders`` at both concurrencies, the batch submit, the drain with
+the real effect by one consumer and by two (with ``make bench``'s BENCH_PREFETCH and
+BENCH_CONCURRENCY), and the priority phase (``bench``'s phases). Each figure is the median of
+``--runs`` runs. ``--profile`` instead samples each peer's worker in its no-op drain and its web
+server at 64 connections (py-spy), grouped by the innermost library on the stack.
 """
 
 import argparse
@@ -53,6 +53,7 @@ from bench.__main__ import (
     Size,
     Watch,
     broker_pids,
+    consumers_env,
     database_pids,
     drain,
     per_order,
@@ -466,11 +467,16 @@ def main() -> int:
     )
     prepare(amqp_url, database_url)
     size = SMOKE if args.smoke else FULL
-    consumer_env = {"PREFETCH": "512", "CONCURRENCY": "128", "ORDER_WORK_MS": "0"}
+    consumer_env = consumers_env()
     bench = Bench(amqp_url, database_url, size, consumer_env)
     peers = Peers(python, amqp_url, database_url, size, args.profile)
     runs = 1 if args.smoke or args.profile else args.runs
     only = tuple(args.only.split(",")) if args.only else ()
+    if not args.profile:
+        print(
+            f"ours: consumers with PREFETCH={consumer_env['PREFETCH']}"
+            f" CONCURRENCY={consumer_env['CONCURRENCY']} in the drains\n"
+        )
     print("\n".join(uvloop.run(measure(peers, bench, runs, only))))
     return 0
 

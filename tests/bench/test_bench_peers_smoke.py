@@ -1,6 +1,8 @@
 """``make bench-peers`` run tiny so it cannot rot: every peer's every phase runs beside ours, and
 both tables print with a ratio for each peer's figure."""
 
+import re
+
 from bench.peers.__main__ import PEERS
 from tests.bench.conftest import Smoke
 
@@ -34,3 +36,4 @@ def test_bench_peers_smoke_prints_every_figure(smoke: Smoke) -> None:
         assert float(rows[f"ours {ours}"][1].split(" ")[0].replace(",", "")) > 0
     assert " / " in rows["ours priority"][1]
     assert "nan" not in result.stdout
+    assert re.search(r"^ours: consumers with PREFETCH=\d+ CONCURRENCY=\d+ ", result.stdout, re.M)

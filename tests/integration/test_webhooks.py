@@ -262,7 +262,14 @@ async def test_webhook_urls_are_checked_at_registration_and_at_every_delivery(
 
     # Registered where the API allows it, sent by a consumer that does not: refused there too.
     api = await start_api(**LOCAL)
-    await _register(api, receiver, "/hooks")
+    hooks = await _register(api, receiver, "/hooks")
+    # Enabling checks the URL again: where this API allows no private host, a 422, still disabled.
+    await conn.execute("UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = 'x'")
+    refused = await strict.post(f"/webhooks/{hooks}/enable")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["type"] == "/problems/address-refused"
+    assert (await strict.get(f"/webhooks/{hooks}")).json()["disabled_at"] is not None
+    assert (await api.post(f"/webhooks/{hooks}/enable")).json()["disabled_at"] is None
     await api.post("/webhooks/callback-secret")
     await set_stock(api, **{"W-5": 10})
     await start_worker(webhook_max_attempts=1)

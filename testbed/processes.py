@@ -5,6 +5,7 @@ the wording of a message."""
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,9 +23,19 @@ AUTH = {"X-API-Key": API_KEY}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, below the kernel's range for outgoing connections' own ports. A server
+    restarted on it (a fault node after a kill) then cannot find it taken by a connection, not
+    even by a client's that, reconnecting to it while nothing listened, connected to itself."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        # (a range that leaves no room below it: any port the kernel hands out)
+        port = random.randrange(10_000, ephemeral) if ephemeral > 11_000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
 
 
 class Service:

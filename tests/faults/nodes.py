@@ -46,6 +46,15 @@ class RabbitNode:
             f"listeners.tcp.default = {self.address}:{self.port}\n"
             # guest comes from the bridge, not from loopback, to a node on a host of its own
             + ("loopback_users = none\n" if host else "")
+            # Not refused here, unlike on scripts/rabbitmq4.sh's other nodes, because these
+            # restart: 4.0.5 asks at boot whether transient queues are used, before its metadata
+            # store is ready (rabbit_amqqueue:are_transient_nonexcl_used); when the question
+            # fails it answers "cannot tell", and with the feature refused the boot fails
+            # (failed_to_deny_deprecated_features). A node rejoining after a partition met it in
+            # CI (its log said so), and, most likely, one restarted after a kill that was not up
+            # 120 s later (its log was not kept then; RabbitNode.start now prints it). 4.3
+            # answers "not used" instead.
+            + "deprecated_features.permit.transient_nonexcl_queues = true\n"
         )
         (self.dir / "plugins").write_text("[].\n")
         self._own()
@@ -93,11 +102,18 @@ class RabbitNode:
             try:
                 await self.ctl("await_startup", "--timeout", "10", timeout=20)
                 break
-            except RuntimeError:  # the first calls may exit 69 while the node boots
+            except RuntimeError as error:  # the first calls may exit 69 while the node boots
                 if time.monotonic() > deadline:
-                    raise
+                    log = self.log()
+                    raise RuntimeError(f"{self.name} did not start; its log:\n{log}") from error
                 await asyncio.sleep(1)
         self.pid = int((await self.ctl("eval", "list_to_integer(os:getpid()).")).strip())
+
+    def log(self, lines: int = 40) -> str:
+        """The end of the node's own log: why it stopped, or would not start."""
+        logs = sorted((self.dir / "log").glob("*.log"), key=lambda p: p.stat().st_mtime)
+        text = logs[-1].read_text(errors="replace") if logs else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     async def add_vhost(self, vhost: str) -> None:
         await self.ctl("add_vhost", vhost)
@@ -162,11 +178,6 @@ class RabbitCluster:
             node.configure(
                 # a minority stops serving rather than diverge, noticed in ~10 s
                 "cluster_partition_handling = pause_minority\nnet_ticktime = 10\n"
-                # Not refused here, unlike on scripts/rabbitmq4.sh's other nodes: a paused node
-                # of 4.0.5 that starts again once healed may ask whether transient queues are
-                # used before Mnesia has merged; the question fails, counts as "used", and with
-                # the feature refused its boot fails and it does not rejoin (seen in CI).
-                "deprecated_features.permit.transient_nonexcl_queues = true\n"
             )
 
     def url(self, vhost: str) -> str:

@@ -174,11 +174,8 @@ class RabbitCluster:
             raise RuntimeError("a cluster's nodes are RabbitMQ 4: set RABBITMQ4_ROOT")
         self.hosts = [Host(n) for n in range(1, size + 1)]
         self.nodes = [RabbitNode(host) for host in self.hosts]
-        for node in self.nodes:
-            node.configure(
-                # a minority stops serving rather than diverge, noticed in ~10 s
-                "cluster_partition_handling = pause_minority\nnet_ticktime = 10\n"
-            )
+        for node in self.nodes:  # a minority stops serving rather than diverge, noticed in ~10 s
+            node.configure("cluster_partition_handling = pause_minority\nnet_ticktime = 10\n")
 
     def url(self, vhost: str) -> str:
         listed = ",".join(f"{node.address}:{node.port}" for node in self.nodes)

@@ -179,18 +179,22 @@ async def get_webhook(endpoint_id: UUID, services: ServicesDep, caller: Caller) 
 async def enable_webhook(endpoint_id: UUID, services: ServicesDep, caller: Caller) -> EndpointView:
     """Send to a disabled endpoint again, from the next event on (what it missed while disabled
     stays cancelled), with a clean slate: ``failing_since`` is cleared. Its URL is checked again,
-    as at registration. An endpoint that is not disabled is left as it is."""
+    as at registration. An endpoint that is not disabled is left as it is, unchecked."""
     row = await _endpoint(services.pool, endpoint_id, caller)
+    if row["disabled_at"] is None:
+        return EndpointView(**dict(row))
     await checked_url(row["url"], services.settings.webhook_allowed_private_hosts)
     enabled = await services.pool.fetchrow(
         f"""UPDATE webhook_endpoints
                SET disabled_at = NULL, disabled_reason = NULL, failing_since = NULL
-             WHERE id = $1 AND api_key = $2 AND deleted_at IS NULL AND disabled_at IS NOT NULL
+             WHERE id = $1 AND api_key = $2 AND deleted_at IS NULL
          RETURNING {ENDPOINT_COLUMNS}""",
         endpoint_id,
         caller,
     )
-    return EndpointView(**dict(enabled or await _endpoint(services.pool, endpoint_id, caller)))
+    if enabled is None:  # deleted meanwhile
+        raise _not_found(endpoint_id)
+    return EndpointView(**dict(enabled))
 
 
 @router.delete("/webhooks/{endpoint_id:uuid}", status_code=204, responses={404: {}})
